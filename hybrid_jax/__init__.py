@@ -1,0 +1,60 @@
+"""hybrid_jax: training that replaces part of its gradient steps with predicted updates.
+
+A real step runs forward, backward and the wrapped optax optimizer; a predicted step
+applies an update predicted from the directions of recent real updates, with no
+backward pass. A phase machine on the device chooses between them inside one
+``jax.lax.cond``, so a whole run compiles once.
+
+    import hybrid_jax as hj
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig())
+    state = tx.init(params)
+    step = hj.make_hybrid_step(loss_fn, tx)
+    params, state, metrics = step(params, state, batch)
+"""
+
+from ._basis import Basis
+from ._config import HybridConfig
+from ._metrics import METRIC_NAMES, metrics
+from ._phases import CORRECT, FULL, PHASE_NAMES, PREDICT, WARMUP
+from ._predictors import (
+    Observation,
+    PredictContext,
+    Prediction,
+    Predictor,
+    PredictorSpec,
+    extrapolate,
+    last_update,
+)
+from ._state import Counters, HybridState, Stats, StepInfo
+from ._step import hybrid_step, make_hybrid_step
+from ._transform import PredictiveTransformation, force_full, predictive
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Basis",
+    "CORRECT",
+    "Counters",
+    "FULL",
+    "HybridConfig",
+    "HybridState",
+    "METRIC_NAMES",
+    "Observation",
+    "PHASE_NAMES",
+    "PREDICT",
+    "PredictContext",
+    "Prediction",
+    "PredictiveTransformation",
+    "Predictor",
+    "PredictorSpec",
+    "Stats",
+    "StepInfo",
+    "WARMUP",
+    "extrapolate",
+    "force_full",
+    "hybrid_step",
+    "last_update",
+    "make_hybrid_step",
+    "metrics",
+    "predictive",
+]

@@ -1,0 +1,183 @@
+"""Parameter-shaped directions built from real optimizer updates.
+
+The basis holds ``B = basis_size`` directions per parameter leaf. Their *logical*
+order, the one every coefficient vector uses, is::
+
+    0: the last real update      u_t
+    1: an EMA of real updates    m_t = d m_{t-1} + (1 - d) u_t   (m_0 = u_0)
+    2..B-1: older real updates   u_{t-1}, u_{t-2}, ...
+
+They are stored per leaf as one array of shape ``(B, *leaf.shape)`` whose slot 0
+is the EMA and whose slots 1..B-1 are a ring of raw updates, so that a real step
+writes two slots in place (no shifting); ``head`` names the newest ring slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class Basis(NamedTuple):
+    """Direction buffers; see the module docstring for the layout."""
+
+    vectors: PyTree  # per leaf: (B, *leaf.shape)
+    head: jax.Array  # int32: ring slot (0..B-2) of the newest real update
+    count: jax.Array  # int32: real updates pushed so far
+    gram: jax.Array  # (G, B, B) float32: inner products of the directions, logical order
+
+
+class Gram(NamedTuple):
+    """Inner products, per coefficient group, in logical order (float32)."""
+
+    bb: jax.Array  # (G, B, B): basis vs basis
+    bu: jax.Array  # (G, B): basis vs the new update
+    uu: jax.Array  # (G,): the new update with itself
+
+
+def storage_dtype(leaf_dtype: Any, basis_dtype: str) -> Any:
+    """The dtype a leaf's directions are stored in."""
+    if basis_dtype == "params":
+        return leaf_dtype
+    return jnp.dtype(basis_dtype)
+
+
+def init(params: PyTree, size: int, basis_dtype: str, n_groups: int) -> Basis:
+    """Zero directions shaped like ``params``."""
+    vectors = jax.tree.map(
+        lambda p: jnp.zeros((size, *p.shape), storage_dtype(p.dtype, basis_dtype)), params
+    )
+    zero = jnp.zeros((), jnp.int32)
+    return Basis(vectors, zero, zero, jnp.zeros((n_groups, size, size), jnp.float32))
+
+
+def physical_index(head: jax.Array, size: int) -> jax.Array:
+    """``idx[l]`` = storage slot of logical direction ``l``."""
+    ring = size - 1
+    lags = jnp.arange(size - 2, dtype=jnp.int32)  # lag j = 1 .. size-2 at logical 2+j-1
+    older = 1 + jnp.mod(head - 1 - lags, ring)
+    return jnp.concatenate([jnp.stack([1 + head, jnp.int32(0)]), older]).astype(jnp.int32)
+
+
+def gram(basis: Basis, update: PyTree, group_of_leaf: tuple[int, ...], n_groups: int) -> Gram:
+    """Inner products of ``update`` with the basis, summed within each group."""
+    size = jax.tree.leaves(basis.vectors)[0].shape[0]
+    bb = jnp.zeros((n_groups, size, size), jnp.float32)
+    bu = jnp.zeros((n_groups, size), jnp.float32)
+    uu = jnp.zeros((n_groups,), jnp.float32)
+    vec_leaves = jax.tree.leaves(basis.vectors)
+    upd_leaves = jax.tree.leaves(update)
+    for g, v, u in zip(group_of_leaf, vec_leaves, upd_leaves, strict=True):
+        v2 = v.reshape(size, -1)
+        u1 = u.reshape(-1)
+        bb = bb.at[g].add(jnp.einsum("bn,cn->bc", v2, v2, preferred_element_type=jnp.float32))
+        bu = bu.at[g].add(jnp.einsum("bn,n->b", v2, u1, preferred_element_type=jnp.float32))
+        uu = uu.at[g].add(jnp.einsum("n,n->", u1, u1, preferred_element_type=jnp.float32))
+    idx = physical_index(basis.head, size)
+    return Gram(bb[:, idx][:, :, idx], bu[:, idx], uu)
+
+
+def fit(g: Gram, ridge: float) -> tuple[jax.Array, jax.Array]:
+    """Least-squares coefficients of the update over the basis, and the fit's R^2.
+
+    Solves ``(BB + lam I) c = Bu`` per group with ``lam = ridge * trace(BB) / B``
+    (plus a floor so that an all-zero basis gives zero coefficients).
+
+    Returns:
+      ``(coefs (G, B), r2 (G,))``; R^2 is 0 where the update is zero.
+    """
+    size = g.bb.shape[-1]
+    scale = jnp.trace(g.bb, axis1=-2, axis2=-1) / size
+    lam = ridge * scale + 1e-30
+    eye = jnp.eye(size, dtype=jnp.float32)
+    coefs = jnp.linalg.solve(g.bb + lam[:, None, None] * eye, g.bu[..., None])[..., 0]
+    resid = g.uu - 2.0 * jnp.sum(coefs * g.bu, -1) + jnp.einsum("gb,gbc,gc->g", coefs, g.bb, coefs)
+    r2 = jnp.where(g.uu > 0, 1.0 - resid / jnp.where(g.uu > 0, g.uu, 1.0), 0.0)
+    return coefs, r2
+
+
+def cosine(g: Gram, coefs: jax.Array) -> jax.Array:
+    """Cosine, over all groups together, between ``sum_b coefs[:, b] basis_b`` and the update."""
+    dot = jnp.sum(coefs * g.bu)
+    pp = jnp.sum(jnp.einsum("gb,gbc,gc->g", coefs, g.bb, coefs))
+    den = jnp.sqrt(jnp.maximum(pp, 0.0) * jnp.sum(g.uu))
+    return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def push(basis: Basis, update: PyTree, g: Gram, decay: float) -> Basis:
+    """Adds a real update: it becomes the last update, enters the EMA and the ring.
+
+    ``g`` is ``gram(basis, update, ...)``; the new directions' Gram matrix follows from
+    it without another pass over the parameters.
+    """
+    size = jax.tree.leaves(basis.vectors)[0].shape[0]
+    head = jnp.mod(basis.head + 1, size - 1).astype(jnp.int32)
+    first = basis.count == 0
+
+    def one(v: jax.Array, u: jax.Array) -> jax.Array:
+        u = u.astype(v.dtype)
+        ema = jnp.where(first, u, decay * v[0] + (1.0 - decay) * u).astype(v.dtype)
+        v = v.at[0].set(ema)
+        return jax.lax.dynamic_update_index_in_dim(v, u, 1 + head, axis=0)
+
+    vectors = jax.tree.map(one, basis.vectors, update)
+    a = _shift(size, decay, first)  # (B, B+1) over [old directions..., update]
+    ext = jnp.concatenate(
+        [
+            jnp.concatenate([g.bb, g.bu[:, :, None]], axis=2),
+            jnp.concatenate([g.bu[:, None, :], g.uu[:, None, None]], axis=2),
+        ],
+        axis=1,
+    )
+    new_gram = jnp.einsum("ij,gjk,lk->gil", a, ext, a)
+    return Basis(vectors, head, basis.count + 1, new_gram)
+
+
+def _shift(size: int, decay: float, first: jax.Array | bool = False) -> jax.Array:
+    """Matrix (B, B+1) giving the new directions from ``[old directions..., update]``."""
+    eye = jnp.eye(size + 1, dtype=jnp.float32)
+    ema_row = jnp.where(first, eye[size], decay * eye[1] + (1.0 - decay) * eye[size])
+    rows = [eye[size], ema_row]
+    if size > 2:
+        rows.append(eye[0])
+        rows.extend(eye[j] for j in range(2, size - 1))
+    return jnp.stack(rows)
+
+
+def combine(
+    basis: Basis, coefs: jax.Array, group_of_leaf: tuple[int, ...], like: PyTree
+) -> PyTree:
+    """``sum_b coefs[g, b] * basis_b`` per leaf (logical ``coefs`` of shape (G, B)).
+
+    The result has the structure and dtypes of ``like`` (the parameters).
+    """
+    size = coefs.shape[-1]
+    idx = physical_index(basis.head, size)
+    phys = jnp.zeros_like(coefs).at[:, idx].set(coefs)
+    leaves, treedef = jax.tree.flatten(like)
+    vec_leaves = jax.tree.leaves(basis.vectors)
+    out = []
+    for g, v, p in zip(group_of_leaf, vec_leaves, leaves, strict=True):
+        # An unrolled sum (not a dot) so that XLA fuses it with the parameter write.
+        d = sum(phys[g, b] * v[b].astype(jnp.float32) for b in range(size))
+        out.append(d.astype(p.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def transition(coefs: jax.Array, decay: float) -> jax.Array:
+    """Matrix ``M(c)`` (G, B, B) taking the directions to those after a step whose
+    update is ``sum_b c_b direction_b``: the update becomes the last direction, enters
+    the EMA, and the older directions shift by one."""
+    size = coefs.shape[-1]
+    a = _shift(size, decay)
+    return a[None, :, :size] + a[None, :, size:] * coefs[:, None, :]
+
+
+def norm(basis: Basis, coefs: jax.Array) -> jax.Array:
+    """Global norm of ``sum_b coefs[g, b] direction_b`` from the Gram matrix."""
+    sq = jnp.einsum("gb,gbc,gc->", coefs, basis.gram, coefs)
+    return jnp.sqrt(jnp.maximum(sq, 0.0))

@@ -1,0 +1,200 @@
+"""`HybridConfig`: every constant of the method, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+PREDICTORS = ("last_update", "extrapolate")
+HORIZON_POLICIES = ("fixed", "confidence")
+BASIS_DTYPES = ("float32", "bfloat16", "params")
+COEF_GROUPS = ("leaf", "global")
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    """Constants of the hybrid method. Frozen; validated on construction.
+
+    Phase machine (one step = one call of ``hybrid_step`` or ``tx.update``)::
+
+        Warmup(warmup_steps) -> Full(full_steps) -> [Predict(h) -> Correct(correct_steps)] x n -> Full ...
+
+    A Predict phase starts at the end of a Full or Correct phase only when the
+    predictor's confidence is at least ``confidence_threshold`` and fewer than
+    ``max_consecutive_predicts`` Predict phases ran since the last Full phase;
+    otherwise a Full phase follows. ``h`` is the horizon (see ``horizon_policy``).
+
+    Attributes:
+      warmup_steps: real steps before anything is learned from (>= 0).
+      full_steps: real steps of a Full phase (>= 1).
+      correct_steps: real steps after each Predict phase (>= 1).
+      max_consecutive_predicts: Predict phases allowed between two Full phases (>= 1).
+      min_horizon: shortest Predict phase (>= 1).
+      max_horizon: longest Predict phase (>= min_horizon).
+      horizon_policy: ``"fixed"`` (always ``max_horizon``) or ``"confidence"``
+        (from ``min_horizon`` at the threshold to ``max_horizon`` at confidence 1).
+      confidence_threshold: smallest confidence, in [0, 1], that starts a Predict phase.
+      predictor: ``"last_update"`` or ``"extrapolate"`` (a custom ``Predictor`` can be
+        passed to ``predictive`` instead).
+      basis_size: parameter-shaped directions kept from real updates (>= 2): the
+        last real update, an EMA of real updates, then the older real updates.
+      basis_ema_decay: decay of the EMA of real updates, in [0, 1).
+      basis_dtype: storage of the basis: ``"float32"``, ``"bfloat16"`` or
+        ``"params"`` (each leaf's own dtype).
+      coef_groups: ``"leaf"`` (coefficients per parameter leaf) or ``"global"``.
+      fit_ridge: relative ridge of the least-squares fit onto the basis (> 0).
+      confidence_ema_decay: decay of the running realised-accuracy statistic, in [0, 1).
+      loss_ema_decay: decay of the running log-loss trend, in [0, 1).
+      monitor_every: during Predict, evaluate the loss (a forward pass, no backward)
+        every this many predicted steps; 0 never does.
+    """
+
+    warmup_steps: int = 100
+    full_steps: int = 20
+    correct_steps: int = 5
+    max_consecutive_predicts: int = 5
+    min_horizon: int = 1
+    max_horizon: int = 15
+    horizon_policy: str = "fixed"
+    confidence_threshold: float = 0.85
+    predictor: str = "last_update"
+    basis_size: int = 2
+    basis_ema_decay: float = 0.9
+    basis_dtype: str = "float32"
+    coef_groups: str = "leaf"
+    fit_ridge: float = 1e-6
+    confidence_ema_decay: float = 0.8
+    loss_ema_decay: float = 0.9
+    monitor_every: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        v = self
+        _require("warmup_steps", v.warmup_steps, v.warmup_steps >= 0, "must be >= 0")
+        _require("full_steps", v.full_steps, v.full_steps >= 1, "must be >= 1")
+        _require("correct_steps", v.correct_steps, v.correct_steps >= 1, "must be >= 1")
+        _require(
+            "max_consecutive_predicts",
+            v.max_consecutive_predicts,
+            v.max_consecutive_predicts >= 1,
+            "must be >= 1",
+        )
+        _require("min_horizon", v.min_horizon, v.min_horizon >= 1, "must be >= 1")
+        _require(
+            "max_horizon",
+            v.max_horizon,
+            v.max_horizon >= v.min_horizon,
+            f"must be >= min_horizon ({v.min_horizon})",
+        )
+        _one_of("horizon_policy", v.horizon_policy, HORIZON_POLICIES)
+        _unit("confidence_threshold", v.confidence_threshold, closed_top=True)
+        _one_of("predictor", v.predictor, PREDICTORS)
+        _require("basis_size", v.basis_size, v.basis_size >= 2, "must be >= 2")
+        _unit("basis_ema_decay", v.basis_ema_decay)
+        _one_of("basis_dtype", v.basis_dtype, BASIS_DTYPES)
+        _one_of("coef_groups", v.coef_groups, COEF_GROUPS)
+        _require("fit_ridge", v.fit_ridge, v.fit_ridge > 0, "must be > 0")
+        _unit("confidence_ema_decay", v.confidence_ema_decay)
+        _unit("loss_ema_decay", v.loss_ema_decay)
+        _require("monitor_every", v.monitor_every, v.monitor_every >= 0, "must be >= 0")
+
+    # -- serialisation -----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the fields as a plain ``dict`` (JSON and TOML friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HybridConfig:
+        """Builds a config from a ``dict``; unknown keys raise ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"HybridConfig.from_dict expects a dict; got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"HybridConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        """Returns the config as a JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> HybridConfig:
+        """Parses a config from a JSON string."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"HybridConfig: invalid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def to_toml(self) -> str:
+        """Returns the config as a TOML document (one ``key = value`` per field)."""
+        return "".join(f"{k} = {_toml_value(x)}\n" for k, x in self.to_dict().items())
+
+    @classmethod
+    def from_toml(cls, text: str) -> HybridConfig:
+        """Parses a config from a TOML document; a ``[hybrid]`` table is accepted too."""
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"HybridConfig: invalid TOML: {e}") from None
+        if set(d) == {"hybrid"} and isinstance(d["hybrid"], dict):
+            d = d["hybrid"]
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HybridConfig:
+        """Reads a config from a ``.json`` or ``.toml`` file."""
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"HybridConfig: no such config file: {p}")
+        text = p.read_text()
+        if p.suffix == ".json":
+            return cls.from_json(text)
+        if p.suffix == ".toml":
+            return cls.from_toml(text)
+        raise ValueError(f"HybridConfig: config file must end in .json or .toml; got {p.name}")
+
+    def replace(self, **changes: Any) -> HybridConfig:
+        """Returns a copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _require(name: str, value: Any, ok: bool, why: str) -> None:
+    if not ok:
+        raise ValueError(f"HybridConfig.{name} {why}; got {value!r}")
+
+
+def _unit(name: str, value: float, closed_top: bool = False) -> None:
+    top_ok = value <= 1.0 if closed_top else value < 1.0
+    interval = "[0, 1]" if closed_top else "[0, 1)"
+    _require(name, value, math.isfinite(value) and value >= 0.0 and top_ok, f"must be in {interval}")
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(name, value, value in choices, f"must be one of {choices}")
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return  # ints are fine where floats are expected
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ValueError(f"HybridConfig.{name} must be a {kind.__name__}; got {value!r}")
+
+
+def _toml_value(x: Any) -> str:
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, (int, float)):
+        return repr(x)
+    if isinstance(x, str):
+        return json.dumps(x)
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_toml_value(e) for e in x) + "]"
+    raise TypeError(f"cannot write {type(x).__name__} as TOML")

@@ -1,0 +1,139 @@
+"""`hybrid_step`: one ``lax.cond`` between a real gradient step and a predicted step."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._metrics import metrics
+from ._state import HybridState
+from ._transform import PredictiveTransformation
+
+PyTree = Any
+
+
+def hybrid_step(
+    loss_fn: Callable[..., Any],
+    tx: PredictiveTransformation,
+    params: PyTree,
+    state: HybridState,
+    batch: Any,
+    *,
+    has_aux: bool = False,
+) -> tuple[PyTree, HybridState, dict[str, jax.Array]] | tuple[PyTree, HybridState, dict, Any]:
+    """One training step; the phase machine in ``state`` picks real or predicted.
+
+    Real branch: ``value_and_grad(loss_fn)``, the wrapped optimizer's update, and what
+    the transformation learns from it. Predicted branch: the predicted update only, no
+    backward pass and no forward pass, except a forward pass (the loss at the step's
+    starting parameters) every ``config.monitor_every`` predicted steps when that is > 0.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> loss`` (a float scalar), or
+        ``-> (loss, aux)`` with ``has_aux=True``.
+      tx: a transformation from ``hj.predictive``.
+      params: the parameters (a pytree of floating arrays).
+      state: ``tx.init(params)`` or a state returned by a previous step.
+      batch: anything ``loss_fn`` takes.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``. On a predicted step without a
+        forward pass, ``aux`` is filled with NaN (floats) or zeros (other dtypes).
+
+    Returns:
+      ``(params, state, metrics)``, or ``(params, state, metrics, aux)`` with ``has_aux``;
+      ``metrics`` is described in ``hybrid_jax._metrics``.
+    """
+    if not isinstance(tx, PredictiveTransformation):
+        raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
+    cfg = tx.config
+
+    def with_aux(p: PyTree, b: Any) -> tuple[jax.Array, Any]:
+        out = loss_fn(p, b)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError("loss_fn must return (loss, aux) when has_aux=True")
+            loss, aux = out
+        else:
+            loss, aux = out, None
+        loss = jnp.asarray(loss)
+        if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+            raise TypeError(f"loss_fn must return a float scalar; got {loss.dtype}{loss.shape}")
+        return loss, aux
+
+    aux_shape = jax.eval_shape(with_aux, params, batch)[1]
+
+    def real(params: PyTree, state: HybridState) -> tuple[PyTree, HybridState, Any]:
+        (loss, aux), grads = jax.value_and_grad(with_aux, has_aux=True)(params, batch)
+        updates, state = tx.real_update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state, aux
+
+    def predicted(params: PyTree, state: HybridState) -> tuple[PyTree, HybridState, Any]:
+        k = state.phase_step
+        updates, new_state = tx.predicted_update(state, params)
+        aux = _missing(aux_shape)
+        if cfg.monitor_every > 0:
+
+            def forward(_: Any) -> tuple[jax.Array, Any]:
+                return with_aux(params, batch)
+
+            def skip(_: Any) -> tuple[jax.Array, Any]:
+                return jnp.full((), jnp.nan, jnp.float32), aux
+
+            measure = (k + 1) % cfg.monitor_every == 0
+            loss, aux = jax.lax.cond(measure, forward, skip, None)
+            c = new_state.counters
+            new_state = new_state._replace(
+                last=new_state.last._replace(loss=loss.astype(jnp.float32)),
+                counters=c._replace(forward_passes=c.forward_passes + measure.astype(jnp.int32)),
+            )
+        return optax.apply_updates(params, updates), new_state, aux
+
+    params, state, aux = jax.lax.cond(tx.needs_gradient(state), real, predicted, params, state)
+    if has_aux:
+        return params, state, metrics(state), aux
+    return params, state, metrics(state)
+
+
+def make_hybrid_step(
+    loss_fn: Callable[..., Any],
+    tx: PredictiveTransformation,
+    *,
+    has_aux: bool = False,
+    donate: bool = True,
+) -> Callable[..., Any]:
+    """``hybrid_step`` jitted once for ``loss_fn`` and ``tx``, params and state donated.
+
+    Args:
+      loss_fn: see ``hybrid_step``.
+      tx: a transformation from ``hj.predictive``.
+      has_aux: see ``hybrid_step``.
+      donate: donate the params and state buffers (the default; the caller must not
+        reuse the arrays it passed in).
+
+    Returns:
+      ``step(params, state, batch) -> (params, state, metrics[, aux])``.
+
+    Example:
+      >>> step = hj.make_hybrid_step(loss_fn, tx)
+      >>> for batch in batches:
+      ...     params, state, m = step(params, state, batch)
+    """
+    if not isinstance(tx, PredictiveTransformation):
+        raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
+    fn = functools.partial(hybrid_step, loss_fn, tx, has_aux=has_aux)
+    return jax.jit(fn, donate_argnums=(0, 1) if donate else ())
+
+
+def _missing(shape: Any) -> Any:
+    """NaN (floats) or zeros (other dtypes) shaped like ``shape`` (from ``eval_shape``)."""
+
+    def fill(s: jax.ShapeDtypeStruct) -> jax.Array:
+        if jnp.issubdtype(s.dtype, jnp.inexact):
+            return jnp.full(s.shape, jnp.nan, s.dtype)
+        return jnp.zeros(s.shape, s.dtype)
+
+    return jax.tree.map(fill, shape)

@@ -1,0 +1,78 @@
+"""Shared helpers for the tests: a tiny quadratic problem and the digits MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hybrid_jax as hj
+from hybrid_jax import tasks
+
+
+
+def quadratic_params(dtype=jnp.float32):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "w": jax.random.normal(k1, (4, 3), jnp.float32).astype(dtype),
+        "b": jax.random.normal(k2, (3,), jnp.float32).astype(dtype),
+    }
+
+
+def quadratic_loss(params, batch):
+    """A least-squares problem; ``batch`` is a (n, 4) input whose targets are fixed."""
+    x = batch
+    target = jnp.ones((x.shape[0], 3), jnp.float32)
+    pred = x @ params["w"].astype(jnp.float32) + params["b"].astype(jnp.float32)
+    return jnp.mean(jnp.square(pred - target))
+
+
+def quadratic_batches(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(n)]
+
+
+def fast_config(**changes):
+    """A config that reaches every phase within a few dozen steps."""
+    base = dict(
+        warmup_steps=4,
+        full_steps=3,
+        correct_steps=2,
+        max_consecutive_predicts=2,
+        min_horizon=2,
+        max_horizon=4,
+        confidence_threshold=0.0,
+    )
+    base.update(changes)
+    return hj.HybridConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    return tasks.digits(seed=0)
+
+
+def run_digits(split, tx, steps, seed, batch_size=64):
+    """Trains the digits MLP with ``tx``; a plain optax optimizer or a hybrid one."""
+    params = tasks.mlp_init(jax.random.key(seed))
+    state = tx.init(params)
+    stream = tasks.batches(split.x_train, split.y_train, batch_size, seed=seed)
+    if isinstance(tx, hj.PredictiveTransformation):
+        step = hj.make_hybrid_step(tasks.mlp_loss, tx)
+        for _ in range(steps):
+            params, state, m = step(params, state, next(stream))
+    else:
+
+        @jax.jit
+        def step(params, state, batch):
+            grads = jax.grad(tasks.mlp_loss)(params, batch)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        m = None
+        for _ in range(steps):
+            params, state = step(params, state, next(stream))
+    held_out = float(tasks.mlp_loss(params, (split.x_test, split.y_test)))
+    return params, state, m, held_out

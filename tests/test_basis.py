@@ -1,0 +1,97 @@
+"""The basis of real updates: layout, least-squares fit, composition over a Predict phase."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax import _basis
+
+
+def _tree(rng, shapes=((5, 3), (7,))):
+    return {f"p{i}": jnp.asarray(rng.normal(size=s), jnp.float32) for i, s in enumerate(shapes)}
+
+
+def _logical(basis, size):
+    """The directions in logical order, as numpy, per leaf."""
+    idx = np.asarray(_basis.physical_index(basis.head, size))
+    return [np.asarray(v)[idx] for v in jax.tree.leaves(basis.vectors)]
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_push_keeps_last_ema_and_older_updates(size):
+    rng = np.random.default_rng(0)
+    params = _tree(rng)
+    groups = (0, 1)
+    basis = _basis.init(params, size, "float32", 2)
+    history, ema = [], None
+    for _ in range(6):
+        u = _tree(rng)
+        g = _basis.gram(basis, u, groups, 2)
+        basis = _basis.push(basis, u, g, 0.8)
+        history.append(u)
+        ema = u if ema is None else jax.tree.map(lambda m, x: 0.8 * m + 0.2 * x, ema, u)
+    for leaf, dirs in zip(["p0", "p1"], _logical(basis, size), strict=True):
+        np.testing.assert_allclose(dirs[0], history[-1][leaf], rtol=1e-6)
+        np.testing.assert_allclose(dirs[1], ema[leaf], rtol=1e-5)
+        for lag in range(1, size - 1):
+            np.testing.assert_allclose(dirs[1 + lag], history[-1 - lag][leaf], rtol=1e-6)
+
+
+def test_tracked_gram_matches_direct_inner_products():
+    rng = np.random.default_rng(1)
+    params = _tree(rng)
+    basis = _basis.init(params, 3, "float32", 2)
+    for _ in range(5):
+        u = _tree(rng)
+        basis = _basis.push(basis, u, _basis.gram(basis, u, (0, 1), 2), 0.9)
+    for gi, dirs in enumerate(_logical(basis, 3)):
+        flat = dirs.reshape(3, -1)
+        np.testing.assert_allclose(np.asarray(basis.gram[gi]), flat @ flat.T, rtol=1e-4)
+
+
+def test_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(2)
+    params = _tree(rng, ((40, 10), (30,)))
+    basis = _basis.init(params, 3, "float32", 2)
+    for _ in range(3):
+        u = _tree(rng, ((40, 10), (30,)))
+        basis = _basis.push(basis, u, _basis.gram(basis, u, (0, 1), 2), 0.5)
+    truth = jnp.asarray([[0.7, -0.2, 0.4], [1.5, 0.3, -0.8]], jnp.float32)
+    target = _basis.combine(basis, truth, (0, 1), params)
+    coefs, r2 = _basis.fit(_basis.gram(basis, target, (0, 1), 2), 1e-8)
+    np.testing.assert_allclose(np.asarray(coefs), np.asarray(truth), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(r2), 1.0, atol=1e-4)
+
+
+def test_transition_composes_like_pushing_the_predicted_updates():
+    """The virtual basis of a Predict phase equals the basis after really pushing."""
+    rng = np.random.default_rng(3)
+    params = _tree(rng)
+    size, decay, groups = 3, 0.7, (0, 1)
+    basis = _basis.init(params, size, "float32", 2)
+    for _ in range(4):
+        u = _tree(rng)
+        basis = _basis.push(basis, u, _basis.gram(basis, u, groups, 2), decay)
+    frozen, pushed = basis, basis
+    transport = jnp.broadcast_to(jnp.eye(size), (2, size, size))
+    for _ in range(4):
+        c = jnp.asarray(rng.normal(size=(2, size)), jnp.float32)
+        want = _basis.combine(pushed, c, groups, params)
+        got = _basis.combine(frozen, jnp.einsum("gb,gbc->gc", c, transport), groups, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+        pushed = _basis.push(pushed, want, _basis.gram(pushed, want, groups, 2), decay)
+        transport = jnp.einsum("gij,gjk->gik", _basis.transition(c, decay), transport)
+
+
+def test_norm_from_gram_matches_direct_norm():
+    rng = np.random.default_rng(4)
+    params = _tree(rng)
+    basis = _basis.init(params, 2, "float32", 2)
+    for _ in range(3):
+        u = _tree(rng)
+        basis = _basis.push(basis, u, _basis.gram(basis, u, (0, 1), 2), 0.9)
+    c = jnp.asarray([[0.3, 1.2], [-0.5, 0.1]], jnp.float32)
+    d = _basis.combine(basis, c, (0, 1), params)
+    direct = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(d)))
+    assert float(_basis.norm(basis, c)) == pytest.approx(direct, rel=1e-4)

@@ -1,0 +1,32 @@
+"""A whole run through every phase compiles exactly once."""
+
+import optax
+from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
+
+import hybrid_jax as hj
+
+
+def test_300_steps_through_every_phase_trace_once():
+    traces = []
+
+    def loss_fn(params, batch):
+        traces.append(1)  # runs only while tracing
+        return quadratic_loss(params, batch)
+
+    cfg = fast_config(horizon_policy="confidence", confidence_threshold=0.3, monitor_every=2)
+    tx = hj.predictive(optax.adamw(1e-2), cfg)
+    params = quadratic_params()
+    state = tx.init(params)
+    step = hj.make_hybrid_step(loss_fn, tx)
+    seen = set()
+    for batch in quadratic_batches(320):
+        params, state, m = step(params, state, batch)
+        seen.add(int(m["phase"]))
+    traces_after_first_compile = len(traces)
+    assert seen == {hj.WARMUP, hj.FULL, hj.PREDICT, hj.CORRECT}
+    assert step._cache_size() == 1
+    # loss_fn is traced by eval_shape, the real branch and the monitor branch: one trace
+    # of the step; more calls than that would mean a retrace.
+    assert traces_after_first_compile <= 3
+    params, state, m = step(params, state, quadratic_batches(1, seed=5)[0])
+    assert len(traces) == traces_after_first_compile

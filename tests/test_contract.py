@@ -1,0 +1,139 @@
+"""The optax contract: chain, extra args, jit, tree structure, shapes, dtypes, donation."""
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
+
+import hybrid_jax as hj
+
+
+def _grads(params, batch):
+    return jax.value_and_grad(quadratic_loss)(params, batch)
+
+
+def test_is_an_optax_extra_args_transformation():
+    tx = hj.predictive(optax.adam(1e-3), fast_config())
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    assert callable(tx.needs_gradient) and callable(tx.predicted_update)
+
+
+def test_works_inside_chain_with_unexpected_extra_keyword():
+    tx = optax.chain(optax.clip_by_global_norm(1.0), hj.predictive(optax.adam(1e-2), fast_config()))
+    params = quadratic_params()
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v, unexpected_key=3))
+    phases = set()
+    for batch in quadratic_batches(40):
+        loss, grads = _grads(params, batch)
+        updates, state = update(grads, state, params, loss)
+        params = optax.apply_updates(params, updates)
+        phases.add(int(state[1].last.phase))
+    assert hj.PREDICT in phases
+    assert float(quadratic_loss(params, quadratic_batches(1)[0])) < float(
+        quadratic_loss(quadratic_params(), quadratic_batches(1)[0])
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("basis_dtype", ["float32", "params"])
+def test_update_keeps_state_structure_shapes_and_dtypes(dtype, basis_dtype):
+    tx = hj.predictive(optax.adamw(1e-2), fast_config(basis_dtype=basis_dtype))
+    params = quadratic_params(dtype)
+    state0 = tx.init(params)
+    update = jax.jit(tx.update)
+    state = state0
+    for batch in quadratic_batches(30):
+        loss, grads = _grads(params, batch)
+        updates, state = update(grads, state, params, value=loss)
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+        params = optax.apply_updates(params, updates)
+        chex.assert_trees_all_equal_shapes_and_dtypes(params, quadratic_params(dtype))
+    assert jax.tree.structure(state) == jax.tree.structure(state0)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+    assert int(state.counters.predicted_steps) > 0
+
+
+def test_update_is_jitted_once():
+    tx = hj.predictive(optax.adam(1e-2), fast_config())
+    params = quadratic_params()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for batch in quadratic_batches(30):
+        loss, grads = _grads(params, batch)
+        updates, state = update(grads, state, params, value=loss)
+        params = optax.apply_updates(params, updates)
+    assert update._cache_size() == 1
+
+
+def test_donation_raises_no_warning_and_consumes_inputs():
+    tx = hj.predictive(optax.adamw(1e-2), fast_config())
+    params = quadratic_params()
+    state = tx.init(params)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batch in quadratic_batches(25):
+            old_params, old_state = params, state
+            params, state, _ = step(params, state, batch)
+    # the large buffers were really donated: the old ones are gone
+    assert all(x.is_deleted() for x in jax.tree.leaves(old_params))
+    assert all(x.is_deleted() for x in jax.tree.leaves((old_state.inner, old_state.basis)))
+
+
+def test_optax_path_and_hybrid_step_agree():
+    """``tx.update`` in a plain loop gives the same parameters as ``hybrid_step``."""
+    cfg = fast_config()
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    batches = quadratic_batches(30)
+
+    params = quadratic_params()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for batch in batches:
+        loss, grads = _grads(params, batch)
+        updates, state = update(grads, state, params, value=loss)
+        params = optax.apply_updates(params, updates)
+
+    p2 = quadratic_params()
+    s2 = tx.init(p2)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    for batch in batches:
+        p2, s2, _ = step(p2, s2, batch)
+    chex.assert_trees_all_close(params, p2, rtol=1e-5, atol=1e-6)
+    assert int(state.counters.backward_passes) == int(s2.counters.backward_passes)
+
+
+def test_converges_on_a_quadratic():
+    tx = hj.predictive(optax.adam(5e-2), fast_config())
+    params = quadratic_params()
+    state = tx.init(params)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    batches = quadratic_batches(300)
+    start = float(quadratic_loss(params, batches[0]))
+    for batch in batches:
+        params, state, m = step(params, state, batch)
+    assert float(quadratic_loss(params, batches[0])) < 0.05 * start
+    assert int(m["predicted_steps"]) > 50
+
+
+def test_bad_inputs_give_clear_errors():
+    tx = hj.predictive(optax.adam(1e-2), fast_config())
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update({"w": jnp.zeros(2)}, tx.init({"w": jnp.zeros(2)}))
+    with pytest.raises(ValueError, match="floating point"):
+        tx.init({"w": jnp.zeros(2, jnp.int32)})
+    with pytest.raises(TypeError, match="HybridConfig"):
+        hj.predictive(optax.adam(1e-2), {"warmup_steps": 3})
+    with pytest.raises(TypeError, match="optax"):
+        hj.predictive(lambda g: g)
+    with pytest.raises(TypeError, match="hj.predictive"):
+        hj.make_hybrid_step(quadratic_loss, optax.adam(1e-2))
+    step = hj.make_hybrid_step(lambda p, b: jnp.ones(3), tx)
+    params = quadratic_params()
+    with pytest.raises(TypeError, match="float scalar"):
+        step(params, tx.init(params), quadratic_batches(1)[0])

@@ -1,0 +1,118 @@
+"""The phase sequence follows the documented schedule, step by step."""
+
+import jax.numpy as jnp
+import optax
+import pytest
+from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
+
+import hybrid_jax as hj
+
+
+def documented_schedule(cfg, n, may_predict=lambda step: True):
+    """The schedule of ``HybridConfig``'s docstring, in plain Python.
+
+    ``may_predict(step)`` says whether the confidence after real step ``step`` passes.
+    """
+    phases = []
+    if cfg.warmup_steps > 0:
+        phase, budget = hj.WARMUP, cfg.warmup_steps
+    else:
+        phase, budget = hj.FULL, cfg.full_steps
+    k = consecutive = 0
+    for step in range(n):
+        phases.append(phase)
+        k += 1
+        if k < budget:
+            continue
+        k = 0
+        if phase == hj.WARMUP:
+            phase, budget = hj.FULL, cfg.full_steps
+        elif phase == hj.PREDICT:
+            phase, budget = hj.CORRECT, cfg.correct_steps
+        elif may_predict(step) and consecutive < cfg.max_consecutive_predicts:
+            phase, budget, consecutive = hj.PREDICT, cfg.max_horizon, consecutive + 1
+        else:
+            phase, budget, consecutive = hj.FULL, cfg.full_steps, 0
+    return phases
+
+
+def run_phases(tx, n):
+    params = quadratic_params()
+    state = tx.init(params)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    out = []
+    for batch in quadratic_batches(n):
+        params, state, m = step(params, state, batch)
+        out.append(m)
+    return out, state
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"warmup_steps": 0},
+        {"max_consecutive_predicts": 1, "correct_steps": 1},
+        {"max_horizon": 7, "min_horizon": 7, "full_steps": 5},
+    ],
+)
+def test_phase_sequence_matches_documented_schedule(changes):
+    cfg = fast_config(**changes)
+    metrics, _ = run_phases(hj.predictive(optax.sgd(0.01), cfg), 80)
+    got = [int(m["phase"]) for m in metrics]
+    assert got == documented_schedule(cfg, 80)
+    assert [bool(m["used_gradient"]) for m in metrics] == [p != hj.PREDICT for p in got]
+    assert int(metrics[-1]["backward_passes"]) == sum(p != hj.PREDICT for p in got)
+    assert int(metrics[-1]["predicted_steps"]) == sum(p == hj.PREDICT for p in got)
+    assert [int(m["step"]) for m in metrics] == list(range(80))
+
+
+def gated_predictor(open_from_step):
+    """Confident only once a real step at or after ``open_from_step`` was observed."""
+
+    def init(spec):
+        return jnp.zeros((), jnp.int32)
+
+    def observe(state, obs):
+        return obs.step
+
+    def predict(state, ctx):
+        coefs = jnp.zeros((2, 2), jnp.float32).at[:, 0].set(1.0)
+        conf = (state >= open_from_step).astype(jnp.float32)
+        return hj.Prediction(coefs, jnp.float32(0), conf), state
+
+    return hj.Predictor("gated", init, observe, predict)
+
+
+def test_predict_phases_wait_for_confidence():
+    cfg = fast_config(confidence_threshold=0.5)
+    tx = hj.predictive(optax.sgd(0.01), cfg, predictor=gated_predictor(20))
+    metrics, _ = run_phases(tx, 60)
+    got = [int(m["phase"]) for m in metrics]
+    assert got == documented_schedule(cfg, 60, may_predict=lambda step: step >= 20)
+    assert hj.PREDICT not in got[:21] and hj.PREDICT in got
+
+
+def test_confidence_horizon_policy_scales_with_confidence():
+    cfg = fast_config(horizon_policy="confidence", confidence_threshold=0.5, min_horizon=1)
+    got = [int(hj._phases.horizon(cfg, jnp.float32(c))) for c in (0.4, 0.5, 0.75, 0.9, 1.0)]
+    assert got == [1, 1, 3, 3, 4]
+
+
+def test_force_full_interrupts_a_predict_phase():
+    cfg = fast_config()
+    tx = hj.predictive(optax.sgd(0.01), cfg)
+    params = quadratic_params()
+    state = tx.init(params)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    batches = iter(quadratic_batches(40))
+    while int(state.phase) != hj.PREDICT:
+        params, state, _ = step(params, state, next(batches))
+    state = hj.force_full(state, 5)
+    phases = []
+    for _ in range(5):
+        params, state, m = step(params, state, next(batches))
+        phases.append(int(m["phase"]))
+    assert phases == [hj.FULL] * 5
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        hj.force_full(state, 0)
