@@ -64,21 +64,26 @@ def physical_index(head: jax.Array, size: int) -> jax.Array:
 
 
 def gram(basis: Basis, update: PyTree, group_of_leaf: tuple[int, ...], n_groups: int) -> Gram:
-    """Inner products of ``update`` with the basis, summed within each group."""
+    """Inner products of ``update`` with the basis, summed within each group.
+
+    Written as elementwise products and sums (not matrix products) so that XLA reads
+    each buffer once in a few fused reductions.
+    """
     size = jax.tree.leaves(basis.vectors)[0].shape[0]
-    bb = jnp.zeros((n_groups, size, size), jnp.float32)
-    bu = jnp.zeros((n_groups, size), jnp.float32)
-    uu = jnp.zeros((n_groups,), jnp.float32)
-    vec_leaves = jax.tree.leaves(basis.vectors)
-    upd_leaves = jax.tree.leaves(update)
-    for g, v, u in zip(group_of_leaf, vec_leaves, upd_leaves, strict=True):
-        v2 = v.reshape(size, -1)
-        u1 = u.reshape(-1)
-        bb = bb.at[g].add(jnp.einsum("bn,cn->bc", v2, v2, preferred_element_type=jnp.float32))
-        bu = bu.at[g].add(jnp.einsum("bn,n->b", v2, u1, preferred_element_type=jnp.float32))
-        uu = uu.at[g].add(jnp.einsum("n,n->", u1, u1, preferred_element_type=jnp.float32))
+    pairs = [(i, j) for i in range(size + 1) for j in range(i, size + 1)]
+    sums = jnp.zeros((n_groups, len(pairs)), jnp.float32)
+    for g, v, u in zip(
+        group_of_leaf, jax.tree.leaves(basis.vectors), jax.tree.leaves(update), strict=True
+    ):
+        rows = [v[b].astype(jnp.float32) for b in range(size)] + [u.astype(jnp.float32)]
+        leaf = jnp.stack([jnp.sum(rows[i] * rows[j]) for i, j in pairs])
+        sums = sums.at[g].add(leaf)
+    full = jnp.zeros((n_groups, size + 1, size + 1), jnp.float32)
+    ii, jj = zip(*pairs, strict=True)
+    full = full.at[:, ii, jj].set(sums).at[:, jj, ii].set(sums)
     idx = physical_index(basis.head, size)
-    return Gram(bb[:, idx][:, :, idx], bu[:, idx], uu)
+    bb = full[:, :size, :size][:, idx][:, :, idx]
+    return Gram(bb, full[:, size, :size][:, idx], full[:, size, size])
 
 
 def fit(g: Gram, ridge: float) -> tuple[jax.Array, jax.Array]:
@@ -94,10 +99,33 @@ def fit(g: Gram, ridge: float) -> tuple[jax.Array, jax.Array]:
     scale = jnp.trace(g.bb, axis1=-2, axis2=-1) / size
     lam = ridge * scale + 1e-30
     eye = jnp.eye(size, dtype=jnp.float32)
-    coefs = jnp.linalg.solve(g.bb + lam[:, None, None] * eye, g.bu[..., None])[..., 0]
+    coefs = spd_solve(g.bb + lam[:, None, None] * eye, g.bu)
     resid = g.uu - 2.0 * jnp.sum(coefs * g.bu, -1) + jnp.einsum("gb,gbc,gc->g", coefs, g.bb, coefs)
     r2 = jnp.where(g.uu > 0, 1.0 - resid / jnp.where(g.uu > 0, g.uu, 1.0), 0.0)
     return coefs, r2
+
+
+def spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Solves ``a x = b`` for batched small symmetric positive definite ``a`` (..., n, n).
+
+    An unrolled Cholesky factorisation: a handful of tiny fused operations instead of
+    a call into a dense solver library (which costs several kernel launches on GPU).
+    """
+    n = a.shape[-1]
+    low = [[None] * n for _ in range(n)]
+    for j in range(n):
+        d = a[..., j, j] - sum(low[j][k] ** 2 for k in range(j))
+        low[j][j] = jnp.sqrt(jnp.maximum(d, 1e-30))
+        for i in range(j + 1, n):
+            off = a[..., i, j] - sum(low[i][k] * low[j][k] for k in range(j))
+            low[i][j] = off / low[j][j]
+    y = [None] * n
+    for i in range(n):
+        y[i] = (b[..., i] - sum(low[i][k] * y[k] for k in range(i))) / low[i][i]
+    x = [None] * n
+    for i in reversed(range(n)):
+        x[i] = (y[i] - sum(low[k][i] * x[k] for k in range(i + 1, n))) / low[i][i]
+    return jnp.stack(x, axis=-1)
 
 
 def cosine(g: Gram, coefs: jax.Array) -> jax.Array:
@@ -148,9 +176,7 @@ def _shift(size: int, decay: float, first: jax.Array | bool = False) -> jax.Arra
     return jnp.stack(rows)
 
 
-def combine(
-    basis: Basis, coefs: jax.Array, group_of_leaf: tuple[int, ...], like: PyTree
-) -> PyTree:
+def combine(basis: Basis, coefs: jax.Array, group_of_leaf: tuple[int, ...], like: PyTree) -> PyTree:
     """``sum_b coefs[g, b] * basis_b`` per leaf (logical ``coefs`` of shape (G, B)).
 
     The result has the structure and dtypes of ``like`` (the parameters).

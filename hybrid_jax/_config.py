@@ -21,7 +21,8 @@ class HybridConfig:
 
     Phase machine (one step = one call of ``hybrid_step`` or ``tx.update``)::
 
-        Warmup(warmup_steps) -> Full(full_steps) -> [Predict(h) -> Correct(correct_steps)] x n -> Full ...
+        Warmup(warmup_steps) -> Full(full_steps)
+            -> [Predict(h) -> Correct(correct_steps)] x n -> Full ...
 
     A Predict phase starts at the end of a Full or Correct phase only when the
     predictor's confidence is at least ``confidence_threshold`` and fewer than
@@ -173,7 +174,9 @@ def _require(name: str, value: Any, ok: bool, why: str) -> None:
 def _unit(name: str, value: float, closed_top: bool = False) -> None:
     top_ok = value <= 1.0 if closed_top else value < 1.0
     interval = "[0, 1]" if closed_top else "[0, 1)"
-    _require(name, value, math.isfinite(value) and value >= 0.0 and top_ok, f"must be in {interval}")
+    _require(
+        name, value, math.isfinite(value) and value >= 0.0 and top_ok, f"must be in {interval}"
+    )
 
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -184,7 +187,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
     kind = {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return  # ints are fine where floats are expected
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ValueError(f"HybridConfig.{name} must be a {kind.__name__}; got {value!r}")
 
 

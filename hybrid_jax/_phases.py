@@ -31,7 +31,7 @@ def init(cfg: HybridConfig) -> Phase:
         phase, budget = WARMUP, cfg.warmup_steps
     else:
         phase, budget = FULL, cfg.full_steps
-    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
     return Phase(i32(phase), i32(0), i32(budget), i32(0))
 
 
@@ -45,9 +45,7 @@ def horizon(cfg: HybridConfig, confidence: jax.Array) -> jax.Array:
     return h.astype(jnp.int32)
 
 
-def advance(
-    ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: jax.Array
-) -> Phase:
+def advance(ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: jax.Array) -> Phase:
     """The phase after one more step.
 
     Args:

@@ -82,7 +82,9 @@ def predictive(
     if not isinstance(cfg, HybridConfig):
         raise TypeError(f"config must be a HybridConfig; got {type(cfg).__name__}")
     if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(f"inner must be an optax GradientTransformation; got {type(inner).__name__}")
+        raise TypeError(
+            f"inner must be an optax GradientTransformation; got {type(inner).__name__}"
+        )
     pred = builtin(cfg.predictor) if predictor is None else predictor
     if not isinstance(pred, Predictor):
         raise TypeError(f"predictor must be a hj.Predictor; got {type(pred).__name__}")
@@ -101,9 +103,9 @@ def predictive(
         return tuple(range(len(leaves))), len(leaves)
 
     def init(params: PyTree) -> HybridState:
-        groups, n_groups = layout(params)
-        f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-        i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+        _, n_groups = layout(params)
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        i32 = lambda x: jnp.asarray(x, jnp.int32)
         nan = f32(jnp.nan)
         ph = _phases.init(cfg)
         state = HybridState(
@@ -173,7 +175,9 @@ def predictive(
         known = jnp.isfinite(loss) & (loss > 0) & jnp.isfinite(st.loss) & (st.loss > 0)
         ratio = jnp.where(known, loss, 1.0) / jnp.where(known, st.loss, 1.0)
         dlog = jnp.where(known, jnp.log(ratio), 0.0)
-        trend = jnp.where(known, ema(st.log_loss_trend, dlog, cfg.loss_ema_decay), st.log_loss_trend)
+        trend = jnp.where(
+            known, ema(st.log_loss_trend, dlog, cfg.loss_ema_decay), st.log_loss_trend
+        )
         one_step = jnp.where(known, st.loss * jnp.exp(peek.log_loss_change), jnp.nan)
 
         grad_norm = _global_norm(grads)
@@ -195,7 +199,9 @@ def predictive(
         confidence = jnp.clip(jnp.asarray(nxt.confidence, jnp.float32), 0.0, 1.0)
         loss_ok = jnp.isfinite(loss) if value is not None else jnp.asarray(True)
         healthy = jnp.isfinite(update_norm) & jnp.isfinite(grad_norm) & loss_ok
-        can_predict = healthy & jnp.isfinite(nxt.confidence) & (confidence >= cfg.confidence_threshold)
+        can_predict = (
+            healthy & jnp.isfinite(nxt.confidence) & (confidence >= cfg.confidence_threshold)
+        )
         next_h = _phases.horizon(cfg, confidence)
 
         stats = Stats(
@@ -329,5 +335,8 @@ def force_full(state: HybridState, n: int | jax.Array) -> HybridState:
         raise ValueError(f"force_full: n must be >= 1; got {n}")
     ph = _phases.full_phase(n)
     return state._replace(
-        phase=ph.phase, phase_step=ph.phase_step, phase_budget=ph.phase_budget, consecutive=ph.consecutive
+        phase=ph.phase,
+        phase_step=ph.phase_step,
+        phase_budget=ph.phase_budget,
+        consecutive=ph.consecutive,
     )

@@ -12,7 +12,6 @@ import hybrid_jax as hj
 from hybrid_jax import tasks
 
 
-
 def quadratic_params(dtype=jnp.float32):
     k1, k2 = jax.random.split(jax.random.key(0))
     return {

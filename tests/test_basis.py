@@ -95,3 +95,12 @@ def test_norm_from_gram_matches_direct_norm():
     d = _basis.combine(basis, c, (0, 1), params)
     direct = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(d)))
     assert float(_basis.norm(basis, c)) == pytest.approx(direct, rel=1e-4)
+
+
+def test_spd_solve_matches_numpy():
+    rng = np.random.default_rng(5)
+    m = rng.normal(size=(6, 4, 4))
+    a = m @ np.swapaxes(m, -1, -2) + 0.1 * np.eye(4)
+    b = rng.normal(size=(6, 4))
+    got = _basis.spd_solve(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), np.linalg.solve(a, b[..., None])[..., 0], rtol=2e-3)

@@ -40,7 +40,7 @@ def test_at_least_ten_distinct_fields_are_validated():
 
 
 def test_cross_field_horizon_bounds():
-    with pytest.raises(ValueError, match="max_horizon.*min_horizon"):
+    with pytest.raises(ValueError, match=r"max_horizon.*min_horizon"):
         hj.HybridConfig(min_horizon=5, max_horizon=4)
 
 
@@ -52,8 +52,12 @@ def test_config_is_frozen():
 
 def _custom():
     return hj.HybridConfig(
-        warmup_steps=7, confidence_threshold=0.5, predictor="extrapolate", basis_dtype="bfloat16",
-        fit_ridge=1e-5, horizon_policy="confidence",
+        warmup_steps=7,
+        confidence_threshold=0.5,
+        predictor="extrapolate",
+        basis_dtype="bfloat16",
+        fit_ridge=1e-5,
+        horizon_policy="confidence",
     )
 
 
@@ -74,7 +78,7 @@ def test_toml_round_trip():
 
 def test_toml_hybrid_table_and_file_loading(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text("[hybrid]\nwarmup_steps = 3\npredictor = \"extrapolate\"\n")
+    path.write_text('[hybrid]\nwarmup_steps = 3\npredictor = "extrapolate"\n')
     cfg = hj.HybridConfig.load(path)
     assert cfg.warmup_steps == 3 and cfg.predictor == "extrapolate"
     jpath = tmp_path / "c.json"

@@ -131,7 +131,7 @@ def test_bad_inputs_give_clear_errors():
         hj.predictive(optax.adam(1e-2), {"warmup_steps": 3})
     with pytest.raises(TypeError, match="optax"):
         hj.predictive(lambda g: g)
-    with pytest.raises(TypeError, match="hj.predictive"):
+    with pytest.raises(TypeError, match=r"hj\.predictive"):
         hj.make_hybrid_step(quadratic_loss, optax.adam(1e-2))
     step = hj.make_hybrid_step(lambda p, b: jnp.ones(3), tx)
     params = quadratic_params()

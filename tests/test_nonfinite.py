@@ -19,7 +19,9 @@ def _poison(state, value, where):
             v.reshape(-1)[:: max(1, v.size // 3)] = value
         return jnp.asarray(v)
 
-    return state._replace(basis=state.basis._replace(vectors=jax.tree.map(bad, state.basis.vectors)))
+    return state._replace(
+        basis=state.basis._replace(vectors=jax.tree.map(bad, state.basis.vectors))
+    )
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])

@@ -15,8 +15,19 @@ def test_metrics_have_every_documented_name():
     step = hj.make_hybrid_step(quadratic_loss, tx)
     _, _, m = step(params, tx.init(params), quadratic_batches(1)[0])
     assert set(m) == set(hj.METRIC_NAMES)
-    for name in ("step", "phase", "used_gradient", "loss", "predicted_loss", "confidence",
-                 "horizon", "verified", "rolled_back", "divergence_level", "backward_passes"):
+    for name in (
+        "step",
+        "phase",
+        "used_gradient",
+        "loss",
+        "predicted_loss",
+        "confidence",
+        "horizon",
+        "verified",
+        "rolled_back",
+        "divergence_level",
+        "backward_passes",
+    ):
         assert name in m and m[name].shape == ()
 
 

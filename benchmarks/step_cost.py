@@ -1,0 +1,272 @@
+"""Step cost: a real hybrid step vs a predicted hybrid step, against plain AdamW.
+
+    python benchmarks/step_cost.py --model mlp      # digits MLP (CPU-sized)
+    python benchmarks/step_cost.py --model lm       # a small byte-level GPT (CPU-sized)
+    python benchmarks/step_cost.py --model gpt2     # GPT-2-small shapes, batch 8 x 1024 (GPU)
+
+Every mode is one jitted step with its inputs donated, timed over a loop of steps after
+compiling and warming up; the figure is the median over repeats. The hybrid's phase is
+forced (a Full phase or a Predict phase with a huge budget) so that one compiled step
+is timed in each branch. ``--fused`` also times ``lax.scan`` loops of steps, which take
+Python dispatch out of the figures for small models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import environment, median_time, timed_compile
+
+import hybrid_jax as hj
+from hybrid_jax import tasks
+
+
+def build(model: str, seed: int = 0):
+    key = jax.random.key(seed)
+    if model == "mlp":
+        split = tasks.digits(seed)
+        batch = next(tasks.batches(split.x_train, split.y_train, 64, seed))
+        return tasks.mlp_init(key), tasks.mlp_loss, tuple(map(jnp.asarray, batch))
+    text = tasks.stdlib_text(2_000_000)
+    train, _ = tasks.byte_split(text)
+    if model == "lm":
+        cfg = tasks.GPTConfig(seq_len=128, d_model=128, n_layers=2, n_heads=4)
+        bs = 16
+    elif model == "gpt2":
+        cfg, bs = tasks.GPT2_SMALL, 8
+    else:
+        raise SystemExit(f"unknown model {model!r}")
+    tokens = jnp.asarray(next(tasks.token_batches(train, bs, cfg.seq_len, seed)))
+    return tasks.gpt_init(key, cfg), functools.partial(tasks.gpt_loss, cfg=cfg), tokens
+
+
+def forced(state: hj.HybridState, phase: int) -> hj.HybridState:
+    """The state with its phase pinned for a very long time."""
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    return state._replace(phase=i32(phase), phase_step=i32(1), phase_budget=i32(2**30))
+
+
+def big_copies(compiled) -> int:
+    """Copies of arrays of at least 2**20 elements in the optimised HLO."""
+    n = 0
+    for line in compiled.as_text().splitlines():
+        m = re.search(r"= [a-z0-9]+\[([0-9,]+)\]\S* copy(?:-start)?\(", line)
+        if m and np.prod([int(d) for d in m.group(1).split(",") if d]) >= 2**20:
+            n += 1
+    return n
+
+
+def delta_cond_step(loss_fn, tx):
+    """A variant: the cond returns the update; it is applied outside the cond."""
+
+    def step(params, state, batch):
+        def real(params, state):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            return tx.real_update(grads, state, params, value=loss)
+
+        def predicted(params, state):
+            return tx.predicted_update(state, params)
+
+        updates, state = jax.lax.cond(tx.needs_gradient(state), real, predicted, params, state)
+        return optax.apply_updates(params, updates), state, hj.metrics(state)
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def while_step(loss_fn, tx):
+    """A variant: two while loops of 0 or 1 trips instead of one cond."""
+
+    def step(params, state, batch):
+        is_real = tx.needs_gradient(state).astype(jnp.int32)
+
+        def real(c):
+            i, params, state = c
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, state = tx.real_update(grads, state, params, value=loss)
+            return i + 1, optax.apply_updates(params, updates), state
+
+        def predicted(c):
+            i, params, state = c
+            updates, state = tx.predicted_update(state, params)
+            return i + 1, optax.apply_updates(params, updates), state
+
+        zero = jnp.zeros((), jnp.int32)
+        _, params, state = jax.lax.while_loop(lambda c: c[0] < is_real, real, (zero, params, state))
+        _, params, state = jax.lax.while_loop(
+            lambda c: c[0] < 1 - is_real, predicted, (zero, params, state)
+        )
+        return params, state, hj.metrics(state)
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", choices=["mlp", "lm", "gpt2"], default="mlp")
+    ap.add_argument("--steps", type=int, default=0, help="steps per timed loop (0: by model)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--basis-dtype", default="float32")
+    ap.add_argument("--variants", default="cond", help="comma list: cond,delta_cond,while")
+    ap.add_argument("--fused", action="store_true", help="also time lax.scan loops")
+    ap.add_argument("--out", default="", help="append JSON lines here")
+    ap.add_argument("--dump-hlo", default="", help="write each hybrid variant's optimised HLO here")
+    args = ap.parse_args()
+    n = args.steps or {"mlp": 200, "lm": 50, "gpt2": 20}[args.model]
+
+    params0, loss_fn, batch = build(args.model)
+    n_params = sum(x.size for x in jax.tree.leaves(params0))
+    inner = optax.adamw(3e-4)
+    cfg = hj.HybridConfig(basis_dtype=args.basis_dtype)
+    tx = hj.predictive(inner, cfg)
+    fresh = lambda: jax.tree.map(jnp.copy, params0)
+    rows = []
+
+    def record(mode, seconds, spread, compile_s, copies=None):
+        rows.append(
+            dict(
+                model=args.model,
+                mode=mode,
+                ms=seconds * 1e3,
+                spread_ms=spread * 1e3,
+                compile_s=compile_s,
+                big_copies=copies,
+                n_params=int(n_params),
+                basis_dtype=args.basis_dtype,
+                steps_per_loop=n,
+            )
+        )
+        print(
+            f"{mode:28s} {seconds * 1e3:9.3f} ms  (spread {spread * 1e3:.3f}, "
+            f"compile {compile_s:.1f} s, big copies {copies})",
+            flush=True,
+        )
+
+    def time_loop(compiled, carry, batches):
+        """Median seconds per step of ``carry = compiled(*carry, batch)`` loops; final carry."""
+        box = [carry]
+
+        def run():
+            c = box[0]
+            for b in batches:
+                c = compiled(*c, b)[:2]
+            box[0] = c
+            return c
+
+        t, s = median_time(run, args.repeats)
+        return t / len(batches), s / len(batches), box[0]
+
+    batches = [batch] * n
+
+    # plain AdamW
+    def adamw_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = inner.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    p = fresh()
+    compiled, cs = timed_compile(
+        jax.jit(adamw_step, donate_argnums=(0, 1)), p, inner.init(p), batch
+    )
+    t, s, _ = time_loop(compiled, (p, inner.init(p)), batches)
+    record("adamw", t, s, cs, big_copies(compiled))
+
+    # forward only
+    p = fresh()
+    compiled, cs = timed_compile(jax.jit(loss_fn), p, batch)
+    t, s = median_time(lambda: [compiled(p, b) for b in batches][-1], args.repeats)
+    record("forward", t / n, s / n, cs)
+
+    # floor of a predicted step: params + c0 * b0 + c1 * b1 (basis_size 2), params donated
+    def floor(params, basis, c):
+        out = jax.tree.map(
+            lambda x, b: x + (c[0] * b[0] + c[1] * b[1]).astype(x.dtype), params, basis
+        )
+        return out, basis
+
+    basis = tx.init(p).basis.vectors
+    cvec = jnp.asarray([0.5, 0.25], jnp.float32)
+    compiled, cs = timed_compile(jax.jit(floor, donate_argnums=(0,)), fresh(), basis, cvec)
+    t, s, _ = time_loop(lambda p, b, c: compiled(p, b, c), (fresh(), basis), [cvec] * n)
+    record("floor(params+basis combo)", t, s, cs)
+    del basis
+
+    makers = {
+        "cond": lambda: hj.make_hybrid_step(loss_fn, tx),
+        "delta_cond": lambda: delta_cond_step(loss_fn, tx),
+        "while": lambda: while_step(loss_fn, tx),
+    }
+    for variant in args.variants.split(","):
+        p = fresh()
+        state = tx.init(p)
+        compiled, cs = timed_compile(makers[variant](), p, state, batch)
+        copies = big_copies(compiled)
+        if args.dump_hlo:
+            Path(args.dump_hlo, f"{args.model}_{variant}.hlo.txt").write_text(compiled.as_text())
+        for _ in range(3):  # fill the basis with real updates
+            p, state, _ = compiled(p, state, batch)
+        for phase, label in [(hj.FULL, "real"), (hj.PREDICT, "predicted")]:
+            t, s, (p, state) = time_loop(compiled, (p, forced(state, phase)), batches)
+            record(f"hybrid[{variant}] {label}", t, s, cs, copies)
+
+    if args.fused:
+        stacked = jax.tree.map(lambda x: jnp.stack([x] * n), batch)
+
+        def fused_hybrid(params, state, batches):
+            def body(c, b):
+                p, s, _ = hj.hybrid_step(loss_fn, tx, *c, b)
+                return (p, s), None
+
+            return jax.lax.scan(body, (params, state), batches)[0]
+
+        def fused_adamw(params, opt_state, batches):
+            return jax.lax.scan(
+                lambda c, b: (adamw_step(*c, b)[:2], None), (params, opt_state), batches
+            )[0]
+
+        p = fresh()
+        compiled, cs = timed_compile(
+            jax.jit(fused_adamw, donate_argnums=(0, 1)), p, inner.init(p), stacked
+        )
+        t, s, _ = time_loop(compiled, (p, inner.init(p)), [stacked])
+        record("fused adamw", t / n, s / n, cs)
+        p = fresh()
+        state = tx.init(p)
+        compiled, cs = timed_compile(
+            jax.jit(fused_hybrid, donate_argnums=(0, 1)), p, state, stacked
+        )
+        p, state = compiled(p, state, stacked)
+        for phase, label in [(hj.FULL, "real"), (hj.PREDICT, "predicted")]:
+            t, s, (p, state) = time_loop(compiled, (p, forced(state, phase)), [stacked])
+            record(f"fused hybrid {label}", t / n, s / n, cs)
+
+    env = environment()
+    print(json.dumps(env))
+    by = {r["mode"]: r["ms"] for r in rows}
+    for variant in args.variants.split(","):
+        real, pred = by[f"hybrid[{variant}] real"], by[f"hybrid[{variant}] predicted"]
+        print(
+            f"[{variant}] predicted/real = {pred / real:.4f}; "
+            f"real/adamw = {real / by['adamw']:.4f}; "
+            f"predicted/adamw = {pred / by['adamw']:.4f}"
+        )
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, **env}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
