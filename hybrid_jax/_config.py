@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-PREDICTORS = ("last_update", "extrapolate")
+PREDICTORS = ("last_update", "extrapolate", "rssm")
 HORIZON_POLICIES = ("fixed", "confidence")
 BASIS_DTYPES = ("float32", "bfloat16", "params")
 COEF_GROUPS = ("leaf", "global")
@@ -39,8 +39,8 @@ class HybridConfig:
       horizon_policy: ``"fixed"`` (always ``max_horizon``) or ``"confidence"``
         (from ``min_horizon`` at the threshold to ``max_horizon`` at confidence 1).
       confidence_threshold: smallest confidence, in [0, 1], that starts a Predict phase.
-      predictor: ``"last_update"`` or ``"extrapolate"`` (a custom ``Predictor`` can be
-        passed to ``predictive`` instead).
+      predictor: ``"last_update"``, ``"extrapolate"`` or ``"rssm"`` (a custom
+        ``Predictor`` can be passed to ``predictive`` instead).
       basis_size: parameter-shaped directions kept from real updates (>= 2): the
         last real update, an EMA of real updates, then the older real updates.
       basis_ema_decay: decay of the EMA of real updates, in [0, 1).
@@ -50,8 +50,21 @@ class HybridConfig:
       fit_ridge: relative ridge of the least-squares fit onto the basis (> 0).
       confidence_ema_decay: decay of the running realised-accuracy statistic, in [0, 1).
       loss_ema_decay: decay of the running log-loss trend, in [0, 1).
+      feature_ema_decay: decay of the encoder's running feature statistics, in [0, 1).
       monitor_every: during Predict, evaluate the loss (a forward pass, no backward)
         every this many predicted steps; 0 never does.
+      rssm_members: ensemble members of the RSSM predictor (>= 1).
+      rssm_hidden: width of each member's GRU state (>= 1).
+      rssm_latent_groups, rssm_latent_classes: the categorical latent (>= 1, >= 2).
+      rssm_mlp: width of the prior, posterior, head and decoder MLPs (>= 1).
+      rssm_window: real steps in the truncated-BPTT window (>= 2).
+      rssm_learning_rate: Adam learning rate of the dynamics model (> 0).
+      rssm_grad_clip: global-norm gradient clip (> 0).
+      rssm_free_bits: free nats per latent categorical in the KL terms (>= 0).
+      rssm_kl_dyn, rssm_kl_rep: weights of the two KL terms (>= 0).
+      rssm_bootstrap: probability that a member trains on a given step, in (0, 1].
+      rssm_calibration_forget: forgetting factor of the confidence calibration, in (0, 1].
+      rssm_seed: seed of the members' initialisation and sampling.
     """
 
     warmup_steps: int = 100
@@ -70,7 +83,22 @@ class HybridConfig:
     fit_ridge: float = 1e-6
     confidence_ema_decay: float = 0.8
     loss_ema_decay: float = 0.9
+    feature_ema_decay: float = 0.99
     monitor_every: int = 0
+    rssm_members: int = 5
+    rssm_hidden: int = 256
+    rssm_latent_groups: int = 4
+    rssm_latent_classes: int = 8
+    rssm_mlp: int = 128
+    rssm_window: int = 16
+    rssm_learning_rate: float = 1e-3
+    rssm_grad_clip: float = 1.0
+    rssm_free_bits: float = 1.0
+    rssm_kl_dyn: float = 0.5
+    rssm_kl_rep: float = 0.1
+    rssm_bootstrap: float = 0.5
+    rssm_calibration_forget: float = 0.99
+    rssm_seed: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -99,10 +127,25 @@ class HybridConfig:
         _unit("basis_ema_decay", v.basis_ema_decay)
         _one_of("basis_dtype", v.basis_dtype, BASIS_DTYPES)
         _one_of("coef_groups", v.coef_groups, COEF_GROUPS)
-        _require("fit_ridge", v.fit_ridge, v.fit_ridge > 0, "must be > 0")
+        _positive("fit_ridge", v.fit_ridge)
         _unit("confidence_ema_decay", v.confidence_ema_decay)
         _unit("loss_ema_decay", v.loss_ema_decay)
+        _unit("feature_ema_decay", v.feature_ema_decay)
         _require("monitor_every", v.monitor_every, v.monitor_every >= 0, "must be >= 0")
+        for name in ("rssm_members", "rssm_hidden", "rssm_latent_groups", "rssm_mlp"):
+            _require(name, getattr(v, name), getattr(v, name) >= 1, "must be >= 1")
+        _require(
+            "rssm_latent_classes", v.rssm_latent_classes, v.rssm_latent_classes >= 2, "must be >= 2"
+        )
+        _require("rssm_window", v.rssm_window, v.rssm_window >= 2, "must be >= 2")
+        for name in ("rssm_learning_rate", "rssm_grad_clip"):
+            _positive(name, getattr(v, name))
+        for name in ("rssm_free_bits", "rssm_kl_dyn", "rssm_kl_rep"):
+            x = getattr(v, name)
+            _require(name, x, math.isfinite(x) and x >= 0, "must be finite and >= 0")
+        for name in ("rssm_bootstrap", "rssm_calibration_forget"):
+            x = getattr(v, name)
+            _require(name, x, math.isfinite(x) and 0 < x <= 1, "must be in (0, 1]")
 
     # -- serialisation -----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +212,10 @@ class HybridConfig:
 def _require(name: str, value: Any, ok: bool, why: str) -> None:
     if not ok:
         raise ValueError(f"HybridConfig.{name} {why}; got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    _require(name, value, math.isfinite(value) and value > 0, "must be finite and > 0")
 
 
 def _unit(name: str, value: float, closed_top: bool = False) -> None:

@@ -46,6 +46,9 @@ class Observation(NamedTuple):
     update_norm: jax.Array
     cosine: jax.Array  # between this real update and the previous one
     step: jax.Array  # int32: global step
+    gap: jax.Array  # int32: steps since the previous real step (1 in a run of real steps)
+    realised_cosine: jax.Array  # cosine of the predictor's last one-step prediction vs this update
+    features: jax.Array  # (F,): the encoder's normalised features (see ``_encoder``)
 
 
 class PredictContext(NamedTuple):
@@ -123,8 +126,32 @@ extrapolate = _fixed(
 )
 
 
-def builtin(name: str) -> Predictor:
-    """The built-in predictor called ``name``."""
+def builtin(config: Any) -> Predictor:
+    """The built-in predictor named by ``config.predictor`` (a ``HybridConfig``)."""
+    name = config.predictor
+    if name == "rssm":
+        from ._rssm import RSSMSettings, rssm
+
+        c = config
+        return rssm(
+            RSSMSettings(
+                members=c.rssm_members,
+                hidden=c.rssm_hidden,
+                latent_groups=c.rssm_latent_groups,
+                latent_classes=c.rssm_latent_classes,
+                mlp=c.rssm_mlp,
+                window=c.rssm_window,
+                learning_rate=c.rssm_learning_rate,
+                grad_clip=c.rssm_grad_clip,
+                free_bits=c.rssm_free_bits,
+                kl_dyn=c.rssm_kl_dyn,
+                kl_rep=c.rssm_kl_rep,
+                bootstrap=c.rssm_bootstrap,
+                calibration_forget=c.rssm_calibration_forget,
+                horizon=c.max_horizon,
+                seed=c.rssm_seed,
+            )
+        )
     if name == "last_update":
         return last_update()
     if name == "extrapolate":

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import jax
 
 from ._basis import Basis
+from ._encoder import EncoderState
 
 PyTree = Any
 
@@ -56,6 +57,7 @@ class HybridState(NamedTuple):
       step: steps taken, real and predicted (int32).
       basis: parameter-shaped directions built from real updates.
       transport: (G, B, B) map from the frozen basis to the virtual basis of a Predict phase.
+      encoder: running normalisation of the training-state features.
       dynamics: the predictor's state.
       stats: running statistics of real steps.
       counters: event counters.
@@ -70,6 +72,7 @@ class HybridState(NamedTuple):
     step: jax.Array
     basis: Basis
     transport: jax.Array
+    encoder: EncoderState
     dynamics: PyTree
     stats: Stats
     counters: Counters

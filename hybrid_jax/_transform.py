@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _basis, _phases
+from . import _basis, _encoder, _phases
 from ._config import HybridConfig
 from ._predictors import Observation, PredictContext, Predictor, PredictorSpec, builtin
 from ._state import Counters, HybridState, Stats, StepInfo
@@ -85,7 +85,7 @@ def predictive(
         raise TypeError(
             f"inner must be an optax GradientTransformation; got {type(inner).__name__}"
         )
-    pred = builtin(cfg.predictor) if predictor is None else predictor
+    pred = builtin(cfg) if predictor is None else predictor
     if not isinstance(pred, Predictor):
         raise TypeError(f"predictor must be a hj.Predictor; got {type(pred).__name__}")
     inner = optax.with_extra_args_support(inner)
@@ -117,6 +117,7 @@ def predictive(
             step=i32(0),
             basis=_basis.init(params, size, cfg.basis_dtype, n_groups),
             transport=jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), (n_groups, size, size)),
+            encoder=_encoder.init(size),
             dynamics=pred.init(PredictorSpec(n_groups, size, cfg)),
             stats=Stats(nan, f32(0), f32(0), f32(0), f32(0), f32(0), f32(0), f32(0), nan),
             counters=Counters(*(i32(0) for _ in Counters._fields)),
@@ -183,6 +184,23 @@ def predictive(
         grad_norm = _global_norm(grads)
         update_norm = jnp.sqrt(jnp.sum(g.uu))
         basis = _basis.push(state.basis, updates, g, cfg.basis_ema_decay)
+        enc = state.encoder
+        gap = jnp.where(enc.last_real_step >= 0, state.step - enc.last_real_step, 1)
+        raw = _encoder.raw_features(
+            loss=loss,
+            log_loss_change=jnp.where(known, dlog, jnp.nan),
+            grad_norm=grad_norm,
+            update_norm=update_norm,
+            cosine=jnp.where(ready, cos_last, jnp.nan),
+            fit_r2=jnp.where(ready, jnp.mean(r2), jnp.nan),
+            moments=_encoder.moment_norms(inner_state),
+            phase=state.phase,
+            gap=gap,
+            phase_position=state.phase_step / jnp.maximum(state.phase_budget, 1),
+            mean_coefs=jnp.where(ready, jnp.mean(target, axis=0), jnp.nan),
+        )
+        enc, features = _encoder.normalise(enc, raw, cfg.feature_ema_decay)
+        enc = enc._replace(last_real_step=state.step)
         obs = Observation(
             target_coefs=target,
             fit_r2=r2,
@@ -192,6 +210,9 @@ def predictive(
             update_norm=update_norm,
             cosine=cos_last,
             step=state.step,
+            gap=gap.astype(jnp.int32),
+            realised_cosine=jnp.where(ready, realised, jnp.nan),
+            features=features,
         )
         learning = ready & (state.phase != _phases.WARMUP)
         dynamics = jax.lax.cond(learning, pred.observe, lambda s, o: s, state.dynamics, obs)
@@ -225,6 +246,7 @@ def predictive(
         new = state._replace(
             inner=inner_state,
             basis=basis,
+            encoder=enc,
             dynamics=dynamics,
             stats=stats,
             counters=counters,

@@ -1,0 +1,539 @@
+"""Metrics export on the host: JSON lines / CSV, a run summary, comparison tables, plots.
+
+A *row* is the dict of one step's metrics as host scalars, e.g.
+``jax.device_get(hj.metrics(state))`` (names in ``hybrid_jax/_metrics.py``), optionally
+with ``"time"`` (wall-clock seconds since the start, taken after the step) and
+``"eval_loss"`` on the steps that were evaluated. Rows of a plain optax run (no
+``phase`` or ``used_gradient``) are accepted too: every step counts as a real step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._phases import PHASE_NAMES
+
+Row = Mapping[str, Any]
+
+PHASE_COLORS = ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c")  # warmup, full, predict, correct
+
+# Rows of ``compare``: (summary key, label).
+COMPARE_KEYS = (
+    ("steps", "steps"),
+    ("final_loss", "final train loss"),
+    ("best_loss", "best train loss"),
+    ("final_eval_loss", "final eval loss"),
+    ("best_eval_loss", "best eval loss"),
+    ("backward_passes", "backward passes"),
+    ("backward_skipped", "backward passes skipped"),
+    ("backward_skipped_share", "share skipped"),
+    ("wall_clock_s", "wall-clock (s)"),
+    ("time_predicted_s", "time in predicted steps (s)"),
+    ("prediction_rel_error", "loss prediction rel. error"),
+    ("rollbacks", "rollbacks"),
+    ("memory_peak_bytes", "memory peak"),
+)
+
+
+# -- files -------------------------------------------------------------------------
+def write_jsonl(rows: Iterable[Row], path: str | Path) -> Path:
+    """Writes one JSON object per row (NaN and infinities as ``NaN``/``Infinity``).
+
+    Args:
+      rows: per-step metric dicts of host scalars (numpy, JAX or Python).
+      path: the file to write; parent directories are created.
+
+    Returns:
+      The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps({k: _py(v) for k, v in row.items()}) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Reads rows written by ``write_jsonl`` (blank lines skipped).
+
+    Args:
+      path: a JSON lines file.
+
+    Returns:
+      The rows, as dicts of Python values.
+    """
+    rows = []
+    with Path(path).open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"read_jsonl: {path}:{n}: invalid JSON: {e}") from None
+    return rows
+
+
+def write_csv(rows: Sequence[Row], path: str | Path) -> Path:
+    """Writes the rows as CSV: one column per key (in order of first appearance).
+
+    Floats are written with full precision, NaN as ``nan`` (read back as NaN by
+    ``read_csv``, pandas and numpy), booleans as 0/1, a missing value as an empty cell.
+
+    Args:
+      rows: per-step metric dicts of host scalars.
+      path: the file to write; parent directories are created.
+
+    Returns:
+      The path written.
+    """
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(_csv_cell(row[c]) if c in row else "" for c in columns)
+    return path
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Reads rows written by ``write_csv``: ints and floats parsed, empty cells left out.
+
+    Args:
+      path: a CSV file with a header row.
+
+    Returns:
+      The rows; booleans come back as the ints 0/1.
+    """
+    with Path(path).open(newline="") as f:
+        return [{k: _parse_cell(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+# -- summary -----------------------------------------------------------------------
+def summary(rows: Sequence[Row], *, memory: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Figures of one run, counted over the given rows (one row per step).
+
+    Args:
+      rows: per-step metric dicts (see the module docstring).
+      memory: ``MemoryMonitor.summary()``, to include memory peaks.
+
+    Returns:
+      A dict with ``steps``, ``phase_counts`` (phase name -> steps), ``real_steps``,
+      ``predicted_steps``, ``backward_passes``, ``backward_skipped`` and
+      ``backward_skipped_share`` (steps without a backward pass), ``final_loss`` /
+      ``best_loss`` (finite train losses), ``final_eval_loss`` / ``best_eval_loss``
+      (where ``eval_loss`` is present), ``prediction_rel_error`` (mean of
+      ``|predicted_loss - loss| / |loss|`` where both are finite and ``loss != 0``) with
+      ``prediction_pairs``; with ``time``: ``wall_clock_s`` and the split of the per-step
+      durations (``time[i] - time[i-1]``, the first from 0) into ``time_real_s`` and
+      ``time_predicted_s`` and their per-step means; with ``verified``: ``verified``,
+      ``rollbacks`` and ``accept_rate`` (``1 - rollbacks / verified``); with
+      ``divergence_level``: ``divergence_events`` (steps with level > 0) and
+      ``max_divergence_level``; with ``memory``: ``memory_source``,
+      ``memory_peak_bytes``, ``memory_phase_peaks``, ``memory_emergencies``,
+      ``memory_growth_detected``. Figures that cannot be computed are ``None``.
+    """
+    rows = list(rows)
+    n = len(rows)
+    real = [bool(r.get("used_gradient", True)) for r in rows]
+    n_real = sum(real)
+    out: dict[str, Any] = {"steps": n}
+    if any("phase" in r for r in rows):
+        counts = dict.fromkeys(PHASE_NAMES, 0)
+        for r in rows:
+            if "phase" in r:
+                name = _phase_name(r["phase"])
+                counts[name] = counts.get(name, 0) + 1
+        out["phase_counts"] = counts
+    out |= {
+        "real_steps": n_real,
+        "predicted_steps": n - n_real,
+        "backward_passes": n_real,
+        "backward_skipped": n - n_real,
+        "backward_skipped_share": (n - n_real) / n if n else None,
+    }
+
+    losses = [_f(r.get("loss")) for r in rows]
+    finite = [x for x in losses if math.isfinite(x)]
+    out["final_loss"] = finite[-1] if finite else None
+    out["best_loss"] = min(finite) if finite else None
+    evals = [_f(r["eval_loss"]) for r in rows if "eval_loss" in r]
+    evals = [x for x in evals if math.isfinite(x)]
+    out["eval_points"] = len(evals)
+    out["final_eval_loss"] = evals[-1] if evals else None
+    out["best_eval_loss"] = min(evals) if evals else None
+
+    errors = []
+    for r, loss in zip(rows, losses, strict=True):
+        pred = _f(r.get("predicted_loss"))
+        if math.isfinite(loss) and math.isfinite(pred) and loss != 0.0:
+            errors.append(abs(pred - loss) / abs(loss))
+    out["prediction_pairs"] = len(errors)
+    out["prediction_rel_error"] = float(np.mean(errors)) if errors else None
+
+    if any("time" in r for r in rows):
+        out |= _time_split(rows, real)
+    if any("verified" in r for r in rows):
+        verified = sum(bool(r.get("verified", False)) for r in rows)
+        rollbacks = sum(bool(r.get("rolled_back", False)) for r in rows)
+        out["verified"] = verified
+        out["rollbacks"] = rollbacks
+        out["accept_rate"] = 1.0 - rollbacks / verified if verified else None
+    if any("divergence_level" in r for r in rows):
+        levels = [int(r.get("divergence_level", 0)) for r in rows]
+        out["divergence_events"] = sum(level > 0 for level in levels)
+        out["max_divergence_level"] = max(levels) if levels else 0
+    if rows and "nonfinite_predictions" in rows[-1]:
+        out["nonfinite_predictions"] = int(rows[-1]["nonfinite_predictions"])
+    if memory is not None:
+        out["memory_source"] = memory.get("source")
+        out["memory_peak_bytes"] = memory.get("peak_bytes_in_use")
+        out["memory_phase_peaks"] = dict(memory.get("phase_peaks", {}))
+        out["memory_emergencies"] = memory.get("emergencies")
+        out["memory_growth_detected"] = memory.get("growth_detected")
+    return out
+
+
+def _time_split(rows: Sequence[Row], real: Sequence[bool]) -> dict[str, Any]:
+    spent = {True: 0.0, False: 0.0}
+    steps = {True: 0, False: 0}
+    previous = 0.0
+    last = None
+    for r, is_real in zip(rows, real, strict=True):
+        t = _f(r.get("time"))
+        if not math.isfinite(t):
+            continue
+        spent[is_real] += t - previous
+        steps[is_real] += 1
+        previous = last = t
+    return {
+        "wall_clock_s": last,
+        "time_real_s": spent[True],
+        "time_predicted_s": spent[False],
+        "mean_real_step_s": spent[True] / steps[True] if steps[True] else None,
+        "mean_predicted_step_s": spent[False] / steps[False] if steps[False] else None,
+    }
+
+
+# -- tables ------------------------------------------------------------------------
+def format_table(summary_or_comparison: Mapping[str, Any]) -> str:
+    """A fixed-width text table of a ``summary`` or of ``{run name: summary}``.
+
+    Args:
+      summary_or_comparison: one summary (nested dicts are shown as ``key.sub``), or
+        a dict whose values are all summaries (one column per run).
+
+    Returns:
+      The table, lines joined by newlines.
+    """
+    d = summary_or_comparison
+    if d and all(isinstance(v, Mapping) for v in d.values()):
+        names = list(d)
+        keys: dict[str, None] = {}
+        flat = {name: _flatten(d[name]) for name in names}
+        for f in flat.values():
+            keys.update(dict.fromkeys(f))
+        body = [[k, *(_fmt(k, flat[name].get(k)) for name in names)] for k in keys]
+        return _table(["metric", *names], body)
+    flat = _flatten(d)
+    return _table(["metric", "value"], [[k, _fmt(k, v)] for k, v in flat.items()])
+
+
+def compare(named_summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """A side-by-side table of several runs (e.g. ``"hybrid"`` vs ``"adamw"``).
+
+    Args:
+      named_summaries: run name -> ``summary(...)`` of that run.
+
+    Returns:
+      A fixed-width table: final/best train and eval loss, steps, backward passes,
+      wall-clock and the other figures of ``COMPARE_KEYS`` that any run has.
+    """
+    if not named_summaries:
+        raise ValueError("compare: named_summaries is empty")
+    for name, s in named_summaries.items():
+        if not isinstance(s, Mapping):
+            raise ValueError(f"compare: the summary of {name!r} is not a dict")
+    names = list(named_summaries)
+    body = [
+        [label, *(_fmt(key, named_summaries[n].get(key)) for n in names)]
+        for key, label in COMPARE_KEYS
+        if any(named_summaries[n].get(key) is not None for n in names)
+    ]
+    return _table(["", *names], body)
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = str(cells[0]).ljust(widths[0])
+        rest = [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out |= _flatten(v, f"{name}.")
+        else:
+            out[name] = v
+    return out
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool | np.bool_):
+        return "yes" if v else "no"
+    if not _is_number(v):
+        return str(v)
+    if "bytes" in key or key.startswith("memory_phase_peaks"):
+        return f"{float(v) / 2**20:.1f} MiB"
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    x = float(v)
+    if not math.isfinite(x):
+        return str(x)
+    if key.endswith(("_share", "_rate")):
+        return f"{100 * x:.1f}%"
+    if key.endswith("_s"):
+        return f"{x:.3f}"
+    return f"{x:.4g}"
+
+
+# -- plots -------------------------------------------------------------------------
+def plot_run(
+    rows: Sequence[Row],
+    out_dir: str | Path,
+    *,
+    prefix: str = "",
+    baseline_rows: Sequence[Row] | None = None,
+) -> list[Path]:
+    """Writes PNG plots of a run (matplotlib, Agg canvas; no pyplot state is touched).
+
+    (a) ``<prefix>loss_vs_step.png``: train loss (finite values), the predictor's loss
+    on predicted steps, eval loss where present and the baseline's losses if given,
+    with the phases shaded; (b) ``<prefix>loss_vs_time.png``: the same against
+    wall-clock (only if the rows have ``time``); (c) ``<prefix>confidence_horizon.png``:
+    confidence and horizon vs step (only if the rows have them).
+
+    Args:
+      rows: per-step metric dicts of the run.
+      out_dir: directory for the files (created).
+      prefix: prepended to every file name.
+      baseline_rows: rows of a baseline run (e.g. plain AdamW) to draw beside.
+
+    Returns:
+      The paths written.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise ImportError("plot_run needs matplotlib: python3 -m pip install matplotlib") from None
+    rows = list(rows)
+    if not rows:
+        raise ValueError("plot_run: rows is empty")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = list(baseline_rows) if baseline_rows else []
+    paths = []
+
+    def new_axes() -> tuple[Any, Any]:
+        fig = Figure(figsize=(8, 4.5), dpi=110)
+        FigureCanvasAgg(fig)
+        return fig, fig.add_subplot()
+
+    def save(fig: Any, name: str) -> None:
+        path = out / f"{prefix}{name}"
+        fig.tight_layout()
+        fig.savefig(path)
+        fig.clear()
+        paths.append(path)
+
+    xs = {"step": _column(rows, "step", default_index=True)}
+    if any("time" in r for r in rows):
+        xs["time"] = _column(rows, "time")
+    for kind, x in xs.items():
+        fig, ax = new_axes()
+        handles = _shade_phases(ax, rows, x, kind, Patch)
+        _draw_losses(ax, rows, x, "hybrid" if base else "run")
+        if base and (kind == "step" or any("time" in r for r in base)):
+            bx = _column(base, "step", default_index=True) if kind == "step" else None
+            if bx is None:
+                bx = _column(base, "time")
+            _draw_losses(ax, base, bx, "baseline", color="#555555", style="--")
+        _log_scale_if_wide(ax, rows, base)
+        ax.set_xlabel("step" if kind == "step" else "wall-clock (s)")
+        ax.set_ylabel("loss")
+        ax.set_title(f"loss vs {'step' if kind == 'step' else 'wall-clock'}")
+        ax.legend(handles=[*ax.get_legend_handles_labels()[0], *handles], fontsize=8)
+        save(fig, "loss_vs_step.png" if kind == "step" else "loss_vs_time.png")
+
+    if any("confidence" in r or "horizon" in r for r in rows):
+        fig, ax = new_axes()
+        x = xs["step"]
+        handles = _shade_phases(ax, rows, x, "step", Patch)
+        ax.plot(x, _column(rows, "confidence"), color="#d62728", lw=1.2, label="confidence")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step")
+        ax.set_ylabel("confidence")
+        ax2 = ax.twinx()
+        ax2.step(
+            x, _column(rows, "horizon"), where="post", color="#9467bd", lw=1.0, label="horizon"
+        )
+        ax2.set_ylabel("horizon (steps)")
+        top = np.nanmax(_column(rows, "horizon"), initial=0.0)
+        ax2.set_ylim(0, (top if np.isfinite(top) else 0.0) + 1)
+        ax2.yaxis.get_major_locator().set_params(integer=True)
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles=[*lines, *handles], fontsize=8, loc="lower right")
+        ax.set_title("confidence and horizon")
+        save(fig, "confidence_horizon.png")
+    return paths
+
+
+def _draw_losses(
+    ax: Any,
+    rows: Sequence[Row],
+    x: np.ndarray,
+    label: str,
+    color: str = "#111111",
+    style: str = "-",
+) -> None:
+    loss = _column(rows, "loss")
+    ok = np.isfinite(loss) & np.isfinite(x)
+    if ok.any():
+        ax.plot(x[ok], loss[ok], style, color=color, lw=1.0, label=f"{label} train loss")
+    if any("used_gradient" in r for r in rows):
+        pred = _column(rows, "predicted_loss")
+        predicted = np.array([not bool(r.get("used_gradient", True)) for r in rows])
+        ok = predicted & np.isfinite(pred) & np.isfinite(x)
+        if ok.any():
+            ax.plot(x[ok], pred[ok], ".", color="#ff7f0e", ms=2.5, label=f"{label} predicted loss")
+    if any("eval_loss" in r for r in rows):
+        ev = _column(rows, "eval_loss")
+        ok = np.isfinite(ev) & np.isfinite(x)
+        if ok.any():
+            ax.plot(
+                x[ok],
+                ev[ok],
+                "o" + style,
+                color=color if label == "baseline" else "#8c564b",
+                ms=3.5,
+                lw=1.0,
+                label=f"{label} eval loss",
+            )
+
+
+def _shade_phases(ax: Any, rows: Sequence[Row], x: np.ndarray, kind: str, patch: Any) -> list:
+    """One ``broken_barh`` per phase over merged runs of steps; returns legend patches."""
+    if not any("phase" in r for r in rows):
+        return []
+    phases = [int(r["phase"]) if "phase" in r else -1 for r in rows]
+    if kind == "step":
+        lo, hi = x - 0.5, x + 0.5
+    else:
+        lo, hi = np.concatenate([[0.0], x[:-1]]), x
+    ranges: dict[int, list[tuple[float, float]]] = {}
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or phases[i] != phases[start]:
+            a, b = lo[start], hi[i - 1]
+            if phases[start] >= 0 and np.isfinite(a) and np.isfinite(b):
+                ranges.setdefault(phases[start], []).append((float(a), float(b - a)))
+            start = i
+    handles = []
+    for p, spans in sorted(ranges.items()):
+        color = PHASE_COLORS[p % len(PHASE_COLORS)]
+        ax.broken_barh(
+            spans, (0, 1), transform=ax.get_xaxis_transform(), facecolor=color, alpha=0.15, lw=0
+        )
+        handles.append(patch(facecolor=color, alpha=0.3, label=_phase_name(p)))
+    return handles
+
+
+def _log_scale_if_wide(ax: Any, rows: Sequence[Row], base: Sequence[Row]) -> None:
+    values = np.concatenate(
+        [_column(rs, k) for rs in (rows, base) if rs for k in ("loss", "eval_loss")]
+    )
+    values = values[np.isfinite(values)]
+    if values.size and values.min() > 0 and values.max() / values.min() > 10:
+        ax.set_yscale("log")
+
+
+def _column(rows: Sequence[Row], key: str, default_index: bool = False) -> np.ndarray:
+    if default_index and not any(key in r for r in rows):
+        return np.arange(len(rows), dtype=float)
+    return np.array([_f(r.get(key)) for r in rows], dtype=float)
+
+
+# -- helpers -----------------------------------------------------------------------
+def _phase_name(phase: Any) -> str:
+    if isinstance(phase, str):
+        return phase
+    i = int(phase)
+    return PHASE_NAMES[i] if 0 <= i < len(PHASE_NAMES) else str(i)
+
+
+def _py(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _py(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_py(x) for x in v]
+    if hasattr(v, "tolist") and callable(v.tolist):  # numpy / JAX scalars and arrays
+        return np.asarray(v).tolist()
+    return v
+
+
+def _csv_cell(v: Any) -> Any:
+    v = _py(v)
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list | dict):
+        return json.dumps(v)
+    return v
+
+
+def _parse_cell(s: str) -> Any:
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def _f(v: Any) -> float:
+    if v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
