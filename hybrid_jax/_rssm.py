@@ -12,8 +12,9 @@ Training (``observe``, on every real step after warmup): the observation enters 
 window of the last ``window`` real steps; one optimizer step (Adam with gradient
 clipping) on the window's loss by truncated back-propagation through time
 (``lax.scan``): squared errors of both heads against the next real step (pairs across a
-Predict phase are left out), the decoder's reconstruction error, plus the KL terms with free bits per categorical (``kl_dyn`` on
-``sg(q) || p``, ``kl_rep`` on ``q || sg(p)``). Each member weighs each step by its own
+Predict phase are left out), the decoder's reconstruction error, plus the KL terms
+with free bits per categorical (``kl_dyn`` on ``sg(q) || p``, ``kl_rep`` on
+``q || sg(p)``). Each member weighs each step by its own
 bootstrap mask, so the members disagree where data is thin.
 
 Prediction: after each training step the filtered latent is rolled out through the
