@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 PREDICTORS = ("last_update", "extrapolate", "rssm")
-HORIZON_POLICIES = ("fixed", "confidence")
+HORIZON_POLICIES = ("fixed", "confidence", "bandit")
 BASIS_DTYPES = ("float32", "bfloat16", "params")
 COEF_GROUPS = ("leaf", "global")
 
@@ -36,8 +36,10 @@ class HybridConfig:
       max_consecutive_predicts: Predict phases allowed between two Full phases (>= 1).
       min_horizon: shortest Predict phase (>= 1).
       max_horizon: longest Predict phase (>= min_horizon).
-      horizon_policy: ``"fixed"`` (always ``max_horizon``) or ``"confidence"``
-        (from ``min_horizon`` at the threshold to ``max_horizon`` at confidence 1).
+      horizon_policy: ``"fixed"`` (always ``max_horizon``), ``"confidence"`` (from
+        ``min_horizon`` at the threshold to ``max_horizon`` at confidence 1) or
+        ``"bandit"`` (a LinUCB bandit over ``bandit_horizons``). Every policy's horizon
+        is multiplied by the monitor's shrink factor (see ``horizon_shrink``).
       confidence_threshold: smallest confidence, in [0, 1], that starts a Predict phase.
       predictor: ``"last_update"``, ``"extrapolate"`` or ``"rssm"`` (a custom
         ``Predictor`` can be passed to ``predictive`` instead).
@@ -65,6 +67,28 @@ class HybridConfig:
       rssm_bootstrap: probability that a member trains on a given step, in (0, 1].
       rssm_calibration_forget: forgetting factor of the confidence calibration, in (0, 1].
       rssm_seed: seed of the members' initialisation and sampling.
+      verify_tolerance: a Predict phase is rolled back when, on the first real step
+        after it, ``loss(new) > (1 + verify_tolerance) * loss(snapshot)`` (>= 0).
+      correct_predictions: apply the residual corrector's affine correction to the
+        predictor's coefficients and loss changes.
+      corrector_forget: forgetting factor of the corrector's RLS, in (0, 1].
+      residual_buffer_size: records kept in the residual ring buffer (>= 1).
+      horizon_shrink: factor applied to the horizon scale at each monitor caution or
+        worse, in (0, 1]; the scale doubles back (up to 1) at each accepted phase.
+      bandit_horizons: the bandit's arms: horizons within [min_horizon, max_horizon]
+        (checked when ``horizon_policy`` is ``"bandit"``).
+      bandit_alpha: width of the bandit's exploration bonus (>= 0).
+      bandit_discount: the bandit's discount per update, in (0, 1].
+      bandit_ridge: the bandit's ridge prior (> 0).
+      predicted_step_cost, verify_cost: costs of a predicted step and of the
+        verification forward pass, in real steps (> 0); the bandit's reward is verified
+        progress (in units of the recent per-real-step progress) per unit of cost.
+      monitor_*: the divergence monitor's thresholds (``hybrid_jax._monitor``):
+        loss z-scores for caution < warning < critical, the noise floor of the z-score,
+        gradient explosion (> 1) and vanishing (< 1) ratios to the baseline, relative
+        loss-prediction errors for caution <= warning, the oscillation window and
+        amplitude, the EMA decays, consecutive warnings before escalation, and the real
+        steps before statistical alarms.
     """
 
     warmup_steps: int = 100
@@ -99,6 +123,31 @@ class HybridConfig:
     rssm_bootstrap: float = 0.5
     rssm_calibration_forget: float = 0.99
     rssm_seed: int = 0
+    verify_tolerance: float = 0.02
+    correct_predictions: bool = False
+    corrector_forget: float = 0.99
+    residual_buffer_size: int = 256
+    horizon_shrink: float = 0.5
+    bandit_horizons: tuple[int, ...] = (2, 4, 8, 15)
+    bandit_alpha: float = 1.0
+    bandit_discount: float = 0.98
+    bandit_ridge: float = 1.0
+    predicted_step_cost: float = 0.03
+    verify_cost: float = 0.35
+    monitor_loss_z_caution: float = 3.0
+    monitor_loss_z_warning: float = 6.0
+    monitor_loss_z_critical: float = 12.0
+    monitor_noise_floor: float = 1e-3
+    monitor_grad_explode: float = 10.0
+    monitor_grad_vanish: float = 1e-3
+    monitor_pred_error_caution: float = 0.5
+    monitor_pred_error_warning: float = 2.0
+    monitor_oscillation_window: int = 8
+    monitor_oscillation_amplitude: float = 1.5
+    monitor_ema_decay: float = 0.95
+    monitor_var_decay: float = 0.99
+    monitor_escalate_after: int = 3
+    monitor_warmup: int = 20
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -146,6 +195,95 @@ class HybridConfig:
         for name in ("rssm_bootstrap", "rssm_calibration_forget"):
             x = getattr(v, name)
             _require(name, x, math.isfinite(x) and 0 < x <= 1, "must be in (0, 1]")
+        _require(
+            "verify_tolerance",
+            v.verify_tolerance,
+            math.isfinite(v.verify_tolerance) and v.verify_tolerance >= 0,
+            "must be >= 0",
+        )
+        for name in ("corrector_forget", "horizon_shrink", "bandit_discount"):
+            x = getattr(v, name)
+            _require(name, x, math.isfinite(x) and 0 < x <= 1, "must be in (0, 1]")
+        _require(
+            "residual_buffer_size",
+            v.residual_buffer_size,
+            v.residual_buffer_size >= 1,
+            "must be >= 1",
+        )
+        _require(
+            "bandit_horizons",
+            v.bandit_horizons,
+            len(v.bandit_horizons) >= 1,
+            "must name at least one horizon",
+        )
+        _require(
+            "bandit_horizons",
+            v.bandit_horizons,
+            v.horizon_policy != "bandit"
+            or all(v.min_horizon <= h <= v.max_horizon for h in v.bandit_horizons),
+            f"must lie within [min_horizon, max_horizon] = [{v.min_horizon}, {v.max_horizon}]",
+        )
+        _require(
+            "bandit_alpha",
+            v.bandit_alpha,
+            math.isfinite(v.bandit_alpha) and v.bandit_alpha >= 0,
+            "must be >= 0",
+        )
+        for name in (
+            "bandit_ridge",
+            "predicted_step_cost",
+            "verify_cost",
+            "monitor_noise_floor",
+            "monitor_oscillation_amplitude",
+        ):
+            _positive(name, getattr(v, name))
+        _positive("monitor_loss_z_caution", v.monitor_loss_z_caution)
+        _require(
+            "monitor_loss_z_warning",
+            v.monitor_loss_z_warning,
+            v.monitor_loss_z_warning > v.monitor_loss_z_caution,
+            "must be > monitor_loss_z_caution",
+        )
+        _require(
+            "monitor_loss_z_critical",
+            v.monitor_loss_z_critical,
+            v.monitor_loss_z_critical > v.monitor_loss_z_warning,
+            "must be > monitor_loss_z_warning",
+        )
+        _require(
+            "monitor_grad_explode",
+            v.monitor_grad_explode,
+            v.monitor_grad_explode > 1,
+            "must be > 1",
+        )
+        _require(
+            "monitor_grad_vanish",
+            v.monitor_grad_vanish,
+            0 < v.monitor_grad_vanish < 1,
+            "must be in (0, 1)",
+        )
+        _positive("monitor_pred_error_caution", v.monitor_pred_error_caution)
+        _require(
+            "monitor_pred_error_warning",
+            v.monitor_pred_error_warning,
+            v.monitor_pred_error_warning >= v.monitor_pred_error_caution,
+            "must be >= monitor_pred_error_caution",
+        )
+        _require(
+            "monitor_oscillation_window",
+            v.monitor_oscillation_window,
+            v.monitor_oscillation_window >= 2,
+            "must be >= 2",
+        )
+        _require(
+            "monitor_escalate_after",
+            v.monitor_escalate_after,
+            v.monitor_escalate_after >= 1,
+            "must be >= 1",
+        )
+        _require("monitor_warmup", v.monitor_warmup, v.monitor_warmup >= 0, "must be >= 0")
+        for name in ("monitor_ema_decay", "monitor_var_decay"):
+            _unit(name, getattr(v, name))
 
     # -- serialisation -----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +299,8 @@ class HybridConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"HybridConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
+        d = {k: tuple(x) if k in tuples and isinstance(x, list) else x for k, x in d.items()}
         return cls(**d)
 
     def to_json(self) -> str:
@@ -231,6 +371,13 @@ def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:
+    if str(annotation) == "tuple[int, ...]":
+        ok = isinstance(value, tuple) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in value
+        )
+        if not ok:
+            raise ValueError(f"HybridConfig.{name} must be a tuple of ints; got {value!r}")
+        return
     kind = {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return  # ints are fine where floats are expected

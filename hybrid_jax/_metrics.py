@@ -13,16 +13,23 @@ predicted_loss         float32  the predictor's loss for the same parameters (on
                                 where nothing could be predicted
 confidence             float32  the predictor's confidence after the last real step, in [0, 1]
 horizon                int32    length of the current Predict phase, or of the next one
-verified               bool     a Predict phase was checked against real losses at this step
-                                (neutral, False, until verification exists)
-rolled_back            bool     the parameters were rolled back at this step (neutral, False)
-divergence_level       int32    0 none, 1 caution, 2 warning, 3 critical (neutral, 0)
+verified               bool     a Predict phase was checked at this step: the loss at its
+                                snapshot vs at the new parameters, on the same batch
+rolled_back            bool     the parameters went back to the snapshot at this step
+divergence_level       int32    the monitor's verdict: 0 none, 1 caution, 2 warning,
+                                3 critical
 backward_passes        int32    backward passes so far
 forward_passes         int32    forward passes so far
 predicted_steps        int32    predicted steps so far
 update_norm            float32  global norm of the update the step applied
 accuracy               float32  running realised cosine of the one-step predictions
 nonfinite_predictions  int32    predicted steps in which a non-finite value was held back
+rollbacks              int32    rollbacks so far
+skipped_updates        int32    real steps with a non-finite loss or gradient, not applied
+divergence_events      int32    monitor events so far (all kinds)
+horizon_scale          float32  the monitor's shrink factor of the horizon, in (0, 1]
+bandit_arm             int32    arm whose reward was learned at this step (-1: none)
+reward                 float32  that reward: verified progress per unit of cost (NaN: none)
 =====================  =======  ==============================================================
 """
 
@@ -50,6 +57,12 @@ METRIC_NAMES = (
     "update_norm",
     "accuracy",
     "nonfinite_predictions",
+    "rollbacks",
+    "skipped_updates",
+    "divergence_events",
+    "horizon_scale",
+    "bandit_arm",
+    "reward",
 )
 
 
@@ -71,15 +84,21 @@ def metrics(state: HybridState) -> dict[str, jax.Array]:
         "predicted_loss": last.predicted_loss,
         "confidence": state.stats.confidence,
         "horizon": last.horizon,
-        "verified": jnp.asarray(False),
-        "rolled_back": jnp.asarray(False),
-        "divergence_level": jnp.asarray(0, jnp.int32),
+        "verified": last.verified,
+        "rolled_back": last.rolled_back,
+        "divergence_level": last.divergence_level,
         "backward_passes": c.backward_passes,
         "forward_passes": c.forward_passes,
         "predicted_steps": c.predicted_steps,
         "update_norm": last.update_norm,
         "accuracy": state.stats.accuracy,
         "nonfinite_predictions": c.nonfinite_predictions,
+        "rollbacks": c.rollbacks,
+        "skipped_updates": c.skipped_updates,
+        "divergence_events": jnp.sum(state.monitor.events),
+        "horizon_scale": state.horizon_scale,
+        "bandit_arm": last.arm,
+        "reward": last.reward,
     }
     assert tuple(out) == METRIC_NAMES
     return out

@@ -26,7 +26,9 @@ The level is the highest of the events raised at that step:
   exponential of an EMA of log gradient norms over real steps): warning;
 - ``grad_vanishing``: gradient norm ``<= grad_vanish`` times the baseline: caution;
 - ``prediction_error``: ``|loss - predicted| / |loss| >= pred_error_caution``: caution,
-  ``>= pred_error_warning``: warning (only when both are finite);
+  ``>= pred_error_warning``: warning (only when both are finite, after ``warmup``, and
+  when the miss is larger than ``loss_z_caution`` noise scales: minibatch noise is no
+  prediction error);
 - ``oscillation``: the last ``oscillation_window`` real-step loss changes alternated in
   sign, each larger than ``oscillation_amplitude`` times the noise scale above: caution;
 - ``escalation``: ``escalate_after`` consecutive steps at warning or above raise that
@@ -159,8 +161,11 @@ def _loss_checks(
     spike_level = jnp.where(
         armed, _grade(z, s.loss_z_caution, s.loss_z_warning, s.loss_z_critical), 0
     )
-    rel = jnp.abs(loss - predicted) / jnp.maximum(jnp.abs(loss), jnp.finfo(jnp.float32).tiny)
-    both = finite & jnp.isfinite(predicted)
+    miss = jnp.abs(loss - predicted)
+    rel = miss / jnp.maximum(jnp.abs(loss), jnp.finfo(jnp.float32).tiny)
+    # an error within the loss's own noise (a caution-sized z-score) is no error
+    beyond_noise = miss > s.loss_z_caution * _noise_scale(state, s)
+    both = finite & jnp.isfinite(predicted) & beyond_noise & armed
     error_level = jnp.where(both, _grade(rel, s.pred_error_caution, s.pred_error_warning), 0)
     return spike_level > 0, spike_level, error_level > 0, error_level
 

@@ -6,8 +6,11 @@ from typing import Any, NamedTuple
 
 import jax
 
+from ._bandit import BanditState
 from ._basis import Basis
 from ._encoder import EncoderState
+from ._monitor import MonitorState
+from ._residuals import Corrector, ResidualBuffer
 
 PyTree = Any
 
@@ -16,6 +19,7 @@ class Stats(NamedTuple):
     """Running statistics of real steps (float32 scalars)."""
 
     loss: jax.Array  # loss of the last real step (NaN until known)
+    loss_level: jax.Array  # EMA of real-step losses: the level predictions start from
     log_loss_trend: jax.Array  # EMA of the per-real-step change of log(loss)
     accuracy: jax.Array  # EMA of the realised one-step cosine of the predictor
     confidence: jax.Array  # the predictor's confidence after the last real step
@@ -35,6 +39,9 @@ class Counters(NamedTuple):
     predicted_steps: jax.Array
     predict_phases: jax.Array
     nonfinite_predictions: jax.Array  # predicted steps in which a non-finite value was held back
+    verifications: jax.Array  # Predict phases checked against real losses
+    rollbacks: jax.Array  # times the parameters went back to a snapshot
+    skipped_updates: jax.Array  # real steps whose non-finite loss or gradient was not applied
 
 
 class StepInfo(NamedTuple):
@@ -46,6 +53,11 @@ class StepInfo(NamedTuple):
     predicted_loss: jax.Array  # the predictor's loss for this step (NaN on real steps)
     horizon: jax.Array  # int32: length of the current (or next) Predict phase
     update_norm: jax.Array  # global norm of the update applied
+    verified: jax.Array  # bool: a Predict phase was checked against real losses
+    rolled_back: jax.Array  # bool: the parameters went back to the snapshot
+    divergence_level: jax.Array  # int32: the monitor's verdict (0 none .. 3 critical)
+    arm: jax.Array  # int32: bandit arm whose reward was learned at this step (-1: none)
+    reward: jax.Array  # that reward (NaN: none)
 
 
 class HybridState(NamedTuple):
@@ -62,6 +74,14 @@ class HybridState(NamedTuple):
       stats: running statistics of real steps.
       counters: event counters.
       last: what the last step did.
+      snapshot: the parameters at the start of the last Predict phase (for rollback).
+      snapshot_valid: whether a Predict phase awaits its verification or outcome.
+      pending_verify: the next real step verifies the Predict phase that just ended.
+      horizon_scale: the monitor's shrink factor of the horizon, in (0, 1].
+      residuals: prediction-vs-reality records.
+      corrector: the learned affine correction of the predictor.
+      monitor: the divergence monitor.
+      bandit: the LinUCB posterior over horizons.
     """
 
     inner: PyTree
@@ -77,3 +97,11 @@ class HybridState(NamedTuple):
     stats: Stats
     counters: Counters
     last: StepInfo
+    snapshot: PyTree
+    snapshot_valid: jax.Array
+    pending_verify: jax.Array
+    horizon_scale: jax.Array
+    residuals: ResidualBuffer
+    corrector: Corrector
+    monitor: MonitorState
+    bandit: BanditState

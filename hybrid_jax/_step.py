@@ -68,29 +68,35 @@ def hybrid_step(
 
     def real(params: PyTree, state: HybridState) -> tuple[PyTree, HybridState, Any]:
         (loss, aux), grads = jax.value_and_grad(with_aux, has_aux=True)(params, batch)
-        updates, state = tx.real_update(grads, state, params, value=loss)
-        return optax.apply_updates(params, updates), state, aux
+        snap_loss = jax.lax.cond(
+            state.pending_verify,
+            lambda: with_aux(state.snapshot, batch)[0].astype(jnp.float32),
+            lambda: jnp.full((), jnp.nan, jnp.float32),
+        )
+        snapshot = state.snapshot
+        updates, state = tx.real_update(grads, state, params, value=loss, snapshot_value=snap_loss)
+        back = state.last.rolled_back
+        params = jax.tree.map(
+            lambda p, u, s: jnp.where(back, s, (p + u).astype(p.dtype)), params, updates, snapshot
+        )
+        return params, state, aux
 
     def predicted(params: PyTree, state: HybridState) -> tuple[PyTree, HybridState, Any]:
-        k = state.phase_step
-        updates, new_state = tx.predicted_update(state, params)
         aux = _missing(aux_shape)
+        loss = None
         if cfg.monitor_every > 0:
 
             def forward(_: Any) -> tuple[jax.Array, Any]:
-                return with_aux(params, batch)
+                loss, aux = with_aux(params, batch)
+                return loss.astype(jnp.float32), aux
 
             def skip(_: Any) -> tuple[jax.Array, Any]:
                 return jnp.full((), jnp.nan, jnp.float32), aux
 
-            measure = (k + 1) % cfg.monitor_every == 0
+            measure = (state.phase_step + 1) % cfg.monitor_every == 0
             loss, aux = jax.lax.cond(measure, forward, skip, None)
-            c = new_state.counters
-            new_state = new_state._replace(
-                last=new_state.last._replace(loss=loss.astype(jnp.float32)),
-                counters=c._replace(forward_passes=c.forward_passes + measure.astype(jnp.int32)),
-            )
-        return optax.apply_updates(params, updates), new_state, aux
+        updates, state = tx.predicted_update(state, params, loss=loss)
+        return optax.apply_updates(params, updates), state, aux
 
     params, state, aux = jax.lax.cond(tx.needs_gradient(state), real, predicted, params, state)
     if has_aux:

@@ -9,9 +9,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _basis, _encoder, _phases
+from . import _bandit, _basis, _encoder, _monitor, _phases, _residuals
 from ._config import HybridConfig
-from ._predictors import Observation, PredictContext, Predictor, PredictorSpec, builtin
+from ._predictors import (
+    Observation,
+    PredictContext,
+    Prediction,
+    Predictor,
+    PredictorSpec,
+    builtin,
+)
 from ._state import Counters, HybridState, Stats, StepInfo
 
 PyTree = Any
@@ -59,9 +66,15 @@ def predictive(
     On real steps the wrapped optimizer's update is applied and recorded: it enters
     the basis of directions, and its least-squares fit onto the previous basis trains
     the predictor. In a Predict phase the gradient is ignored and the update is
-    ``sum_b c_b direction_b`` with coefficients from the predictor. A predicted update
-    never makes a parameter non-finite: such elements keep their value, the event is
-    counted and a Full phase starts.
+    ``sum_b c_b direction_b`` with coefficients from the predictor.
+
+    Safety: a Predict phase starts from a snapshot of the parameters; the first real
+    step after it compares the loss at the snapshot and at the new parameters on the
+    same batch (``snapshot_value``) and rolls back beyond ``verify_tolerance``. A
+    divergence monitor watches every step (its warnings force real steps, its cautions
+    shrink the horizon, its critical events roll back). A predicted update never makes
+    a parameter non-finite: such elements keep their value, the event is counted and
+    the phase ends. A real step whose loss or gradient is non-finite is not applied.
 
     Args:
       inner: any optax optimizer (its state advances on real steps only).
@@ -71,7 +84,11 @@ def predictive(
 
     Returns:
       A ``PredictiveTransformation``. Its ``update(grads, state, params, *, value=loss,
-      **extra_args)`` needs ``params``; ``value`` (the loss) feeds the loss statistics.
+      snapshot_value=None, **extra_args)`` needs ``params``; ``value`` (the loss) feeds
+      the statistics and the monitor; ``snapshot_value`` (the loss at ``state.snapshot``
+      on the same batch) enables verification on the first real step after a Predict
+      phase (``hybrid_step`` computes it). A rollback is returned as the update
+      ``snapshot - params`` (exact up to rounding; ``hybrid_step`` restores exactly).
 
     Example:
       >>> tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(warmup_steps=10))
@@ -90,6 +107,11 @@ def predictive(
         raise TypeError(f"predictor must be a hj.Predictor; got {type(pred).__name__}")
     inner = optax.with_extra_args_support(inner)
     size = cfg.basis_size
+    n_feat = _encoder.n_features(size)
+    monitor_settings = _monitor.MonitorSettings(
+        **{f: getattr(cfg, "monitor_" + f) for f in _monitor.MonitorSettings._fields}
+    )
+    arms = jnp.asarray(cfg.bandit_horizons, jnp.int32)
 
     def layout(params: PyTree) -> tuple[tuple[int, ...], int]:
         leaves = jax.tree.leaves(params)
@@ -107,6 +129,7 @@ def predictive(
         f32 = lambda x: jnp.asarray(x, jnp.float32)
         i32 = lambda x: jnp.asarray(x, jnp.int32)
         nan = f32(jnp.nan)
+        false = jnp.asarray(False)
         ph = _phases.init(cfg)
         state = HybridState(
             inner=inner.init(params),
@@ -119,9 +142,29 @@ def predictive(
             transport=jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), (n_groups, size, size)),
             encoder=_encoder.init(size),
             dynamics=pred.init(PredictorSpec(n_groups, size, cfg)),
-            stats=Stats(nan, f32(0), f32(0), f32(0), f32(0), f32(0), f32(0), f32(0), nan),
+            stats=Stats(nan, nan, f32(0), f32(0), f32(0), f32(0), f32(0), f32(0), f32(0), nan),
             counters=Counters(*(i32(0) for _ in Counters._fields)),
-            last=StepInfo(ph.phase, jnp.asarray(True), nan, nan, i32(0), f32(0)),
+            last=StepInfo(
+                ph.phase,
+                jnp.asarray(True),
+                nan,
+                nan,
+                i32(0),
+                f32(0),
+                false,
+                false,
+                i32(0),
+                i32(-1),
+                nan,
+            ),
+            snapshot=params,
+            snapshot_valid=false,
+            pending_verify=false,
+            horizon_scale=f32(1.0),
+            residuals=_residuals.init_buffer(cfg.residual_buffer_size, n_groups, size, n_feat),
+            corrector=_residuals.init_corrector(n_groups, size),
+            monitor=_monitor.init(),
+            bandit=_bandit.init(len(cfg.bandit_horizons), n_feat + 1, cfg.bandit_ridge),
         )
         # Every leaf its own buffer, so that the state can be donated.
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
@@ -141,8 +184,28 @@ def predictive(
             step=state.step + 1,
         )
 
+    def choose(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+        return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
     def ema(old: jax.Array, new: jax.Array, decay: float) -> jax.Array:
         return decay * old + (1.0 - decay) * new
+
+    def corrected(state: HybridState, p: Prediction) -> tuple[jax.Array, jax.Array]:
+        coefs = jnp.asarray(p.coefs, jnp.float32)
+        dlog = jnp.asarray(p.log_loss_change, jnp.float32)
+        if cfg.correct_predictions:
+            return _residuals.correct(state.corrector, coefs, dlog)
+        return coefs, dlog
+
+    def plan_horizon(state: HybridState, confidence: jax.Array, context: jax.Array):
+        """(horizon, bandit arm) for a Predict phase that would start now."""
+        if cfg.horizon_policy == "bandit":
+            arm, _ = _bandit.select(state.bandit, context, cfg.bandit_alpha)
+            h = arms[arm]
+        else:
+            arm, h = jnp.int32(-1), _phases.horizon(cfg, confidence)
+        h = jnp.floor(h.astype(jnp.float32) * state.horizon_scale).astype(jnp.int32)
+        return jnp.clip(h, cfg.min_horizon, cfg.max_horizon), arm
 
     def real_update(
         grads: PyTree,
@@ -150,23 +213,46 @@ def predictive(
         params: PyTree | None = None,
         *,
         value: jax.Array | None = None,
+        snapshot_value: jax.Array | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, HybridState]:
         if params is None:
             raise ValueError("hj.predictive: update needs params")
         groups, n_groups = layout(params)
-        if value is not None:
-            extra_args = {**extra_args, "value": value}
-        updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
         st = state.stats
         loss = jnp.asarray(jnp.nan if value is None else value, jnp.float32)
+        grad_norm = _global_norm(grads)
+        loss_ok = jnp.isfinite(loss) if value is not None else jnp.asarray(True)
+        skip = ~(loss_ok & jnp.isfinite(grad_norm))  # never applied
+
+        # verification of the Predict phase that just ended, and the monitor's verdict
+        peek, _ = pred.predict(
+            state.dynamics, PredictContext(jnp.int32(0), st.accuracy, st.log_loss_trend)
+        )
+        peek_coefs, peek_dlog = corrected(state, peek)
+        prev_known = jnp.isfinite(st.loss_level) & (st.loss_level > 0)
+        one_step = jnp.where(prev_known, st.loss_level * jnp.exp(peek_dlog), jnp.nan)
+        verifying = state.pending_verify & (snapshot_value is not None)
+        snap = jnp.asarray(jnp.nan if snapshot_value is None else snapshot_value, jnp.float32)
+        tolerated = (1.0 + cfg.verify_tolerance) * snap
+        accepted = verifying & jnp.isfinite(snap) & loss_ok & (loss <= tolerated)
+        monitor, verdict = _monitor.observe_real(
+            state.monitor, monitor_settings, loss=loss, grad_norm=grad_norm, predicted_loss=one_step
+        )
+        rollback = state.snapshot_valid & ((verifying & ~accepted) | verdict.rollback)
+
+        # a rolled-back or non-finite step applies no gradient (the moments see a zero one)
+        drop = skip | rollback
+        grads = jax.tree.map(lambda g: jnp.where(drop, jnp.zeros_like(g), g), grads)
+        if value is not None:
+            extra_args = {**extra_args, "value": jnp.where(skip, 0.0, value)}
+        updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
+        updates = jax.tree.map(lambda u: jnp.where(drop, jnp.zeros_like(u), u), updates)
 
         g = _basis.gram(state.basis, updates, groups, n_groups)
         target, r2 = _basis.fit(g, cfg.fit_ridge)
-        ready = state.basis.count >= 1
-        ctx = PredictContext(jnp.int32(0), st.accuracy, st.log_loss_trend)
-        peek, _ = pred.predict(state.dynamics, ctx)
-        realised = _basis.cosine(g, peek.coefs)
+        ready = (state.basis.count >= 1) & ~drop
+        realised = _basis.cosine(g, peek_coefs)
         first = state.basis.count == 1
         running = jnp.where(first, realised, ema(st.accuracy, realised, cfg.confidence_ema_decay))
         accuracy = jnp.where(ready, running, st.accuracy)
@@ -179,13 +265,14 @@ def predictive(
         trend = jnp.where(
             known, ema(st.log_loss_trend, dlog, cfg.loss_ema_decay), st.log_loss_trend
         )
-        one_step = jnp.where(known, st.loss * jnp.exp(peek.log_loss_change), jnp.nan)
 
-        grad_norm = _global_norm(grads)
         update_norm = jnp.sqrt(jnp.sum(g.uu))
-        basis = _basis.push(state.basis, updates, g, cfg.basis_ema_decay)
+        pushed = _basis.push(state.basis, updates, g, cfg.basis_ema_decay)
+        basis = choose(drop, state.basis, pushed)
         enc = state.encoder
-        gap = jnp.where(enc.last_real_step >= 0, state.step - enc.last_real_step, 1)
+        gap = jnp.where(enc.last_real_step >= 0, state.step - enc.last_real_step, 1).astype(
+            jnp.int32
+        )
         raw = _encoder.raw_features(
             loss=loss,
             log_loss_change=jnp.where(known, dlog, jnp.nan),
@@ -210,23 +297,82 @@ def predictive(
             update_norm=update_norm,
             cosine=cos_last,
             step=state.step,
-            gap=gap.astype(jnp.int32),
+            gap=gap,
             realised_cosine=jnp.where(ready, realised, jnp.nan),
             features=features,
         )
         learning = ready & (state.phase != _phases.WARMUP)
         dynamics = jax.lax.cond(learning, pred.observe, lambda s, o: s, state.dynamics, obs)
+
+        # residuals and the corrector learn from one-step predictions of consecutive steps
+        consecutive = ready & (gap == 1) & jnp.isfinite(realised)
+        residuals = _residuals.record(
+            state.residuals,
+            pred_coefs=peek_coefs,
+            true_coefs=target,
+            pred_dlog=peek_dlog,
+            true_dlog=dlog,
+            features=features,
+            horizon=jnp.int32(1),
+            confidence=st.confidence,
+            keep=consecutive,
+        )
+        raw_coefs = jnp.asarray(peek.coefs, jnp.float32)
+        corrector = _residuals.update(
+            state.corrector,
+            pred_coefs=raw_coefs,
+            true_coefs=target,
+            pred_dlog=jnp.asarray(peek.log_loss_change, jnp.float32),
+            true_dlog=dlog,
+            forget=cfg.corrector_forget,
+            keep=consecutive & known,
+        )
+
+        # bandit: verified progress per unit of cost, in units of recent real-step progress
+        h_done = state.last.horizon.astype(jnp.float32)
+        progress = jnp.log(jnp.maximum(snap, 1e-30)) - jnp.log(jnp.maximum(loss, 1e-30))
+        per_step = jnp.maximum(-st.log_loss_trend, 1e-4)
+        cost = h_done * cfg.predicted_step_cost + cfg.verify_cost
+        reward = jnp.clip(progress / per_step / cost, -100.0, 100.0)
+        learn_arm = verifying & (state.bandit.last_arm >= 0) & jnp.isfinite(reward)
+        bandit = _bandit.update(
+            state.bandit,
+            state.bandit.last_arm,
+            state.bandit.last_context,
+            jnp.where(learn_arm, reward, jnp.nan),
+            cfg.bandit_discount,
+        )
+        scale = jnp.where(
+            verdict.shrink_horizon, state.horizon_scale * cfg.horizon_shrink, state.horizon_scale
+        )
+        scale = jnp.where(rollback, scale * cfg.horizon_shrink, scale)
+        scale = jnp.where(accepted, jnp.minimum(scale * 2.0, 1.0), scale)
+
         nxt, _ = pred.predict(dynamics, PredictContext(jnp.int32(0), accuracy, trend))
         confidence = jnp.clip(jnp.asarray(nxt.confidence, jnp.float32), 0.0, 1.0)
-        loss_ok = jnp.isfinite(loss) if value is not None else jnp.asarray(True)
-        healthy = jnp.isfinite(update_norm) & jnp.isfinite(grad_norm) & loss_ok
+        context = jnp.concatenate([features, jnp.ones((1,), jnp.float32)])
+        planned = state._replace(horizon_scale=scale, bandit=bandit)
+        next_h, arm = plan_horizon(planned, confidence, context)
+        healthy = ~skip & jnp.isfinite(update_norm)
         can_predict = (
             healthy & jnp.isfinite(nxt.confidence) & (confidence >= cfg.confidence_threshold)
         )
-        next_h = _phases.horizon(cfg, confidence)
+        can_predict = can_predict & ~verdict.force_real & ~rollback
+
+        ph = _phases.advance(phase_of(state), cfg, can_predict, next_h)
+        ph = choose(verdict.force_real, _phases.full_phase(cfg.full_steps), ph)
+        entering = ph.phase == _phases.PREDICT
+        bandit = choose(entering & (arm >= 0), _bandit.remember(bandit, arm, context), bandit)
 
         stats = Stats(
             loss=jnp.where(jnp.isfinite(loss), loss, st.loss),
+            loss_level=jnp.where(
+                jnp.isfinite(loss),
+                jnp.where(
+                    jnp.isfinite(st.loss_level), ema(st.loss_level, loss, cfg.loss_ema_decay), loss
+                ),
+                st.loss_level,
+            ),
             log_loss_trend=trend,
             accuracy=accuracy,
             confidence=confidence,
@@ -236,13 +382,35 @@ def predictive(
             fit_r2=jnp.where(ready, jnp.mean(r2), st.fit_r2),
             predicted_log_loss=st.predicted_log_loss,
         )
+        i32 = lambda b: b.astype(jnp.int32)
         c = state.counters
         counters = c._replace(
             backward_passes=c.backward_passes + 1,
-            forward_passes=c.forward_passes + 1,
+            forward_passes=c.forward_passes + 1 + i32(verifying),
             real_steps=c.real_steps + 1,
+            verifications=c.verifications + i32(verifying),
+            rollbacks=c.rollbacks + i32(rollback),
+            skipped_updates=c.skipped_updates + i32(skip),
         )
-        last = StepInfo(state.phase, jnp.asarray(True), loss, one_step, next_h, update_norm)
+        last = StepInfo(
+            state.phase,
+            jnp.asarray(True),
+            loss,
+            one_step,
+            next_h,
+            update_norm,
+            verifying,
+            rollback,
+            verdict.level,
+            jnp.where(learn_arm, state.bandit.last_arm, -1),
+            jnp.where(learn_arm, reward, jnp.nan),
+        )
+        updates = jax.tree.map(
+            lambda u, s, p: jnp.where(rollback, (s - p).astype(u.dtype), u),
+            updates,
+            state.snapshot,
+            params,
+        )
         new = state._replace(
             inner=inner_state,
             basis=basis,
@@ -251,19 +419,28 @@ def predictive(
             stats=stats,
             counters=counters,
             last=last,
+            snapshot_valid=state.snapshot_valid & ~verifying & ~rollback,
+            pending_verify=jnp.asarray(False),
+            horizon_scale=scale,
+            residuals=residuals,
+            corrector=corrector,
+            monitor=monitor,
+            bandit=bandit,
         )
-        ph = _phases.advance(phase_of(state), cfg, can_predict, next_h)
         return updates, with_phase(new, ph)
 
-    def predicted_update(state: HybridState, params: PyTree) -> tuple[PyTree, HybridState]:
+    def predicted_update(
+        state: HybridState, params: PyTree, *, loss: jax.Array | None = None
+    ) -> tuple[PyTree, HybridState]:
         groups, _ = layout(params)
         st = state.stats
         fresh = state.phase_step == 0
+        snapshot = jax.lax.cond(fresh, lambda: params, lambda: state.snapshot)
         eye = jnp.eye(size, dtype=jnp.float32)
         transport = jnp.where(fresh, eye, state.transport)
         ctx = PredictContext(state.phase_step, st.accuracy, st.log_loss_trend)
         p, dynamics = pred.predict(state.dynamics, ctx)
-        one_step = jnp.asarray(p.coefs, jnp.float32)
+        one_step, dlog = corrected(state, p)
         coefs = jnp.einsum("gb,gbc->gc", one_step, transport)
         step_map = _basis.transition(one_step, cfg.basis_ema_decay)
         transport = jnp.einsum("gij,gjk->gik", step_map, transport)
@@ -271,27 +448,62 @@ def predictive(
         updates, bad = _guard(params, delta)
         bad = bad | ~jnp.all(jnp.isfinite(coefs))
 
-        log_pred = jnp.where(fresh, jnp.log(st.loss), st.predicted_log_loss) + p.log_loss_change
+        log_pred = jnp.where(fresh, jnp.log(st.loss_level), st.predicted_log_loss) + dlog
+        measured = jnp.asarray(jnp.nan if loss is None else loss, jnp.float32)
+        monitor, verdict = _monitor.observe_predicted(
+            state.monitor,
+            monitor_settings,
+            delta_finite=~bad,
+            loss=measured,
+            predicted_loss=jnp.exp(log_pred),
+        )
+        i32 = lambda b: b.astype(jnp.int32)
         c = state.counters
         counters = c._replace(
             predicted_steps=c.predicted_steps + 1,
-            predict_phases=c.predict_phases + fresh.astype(jnp.int32),
-            nonfinite_predictions=c.nonfinite_predictions + bad.astype(jnp.int32),
+            predict_phases=c.predict_phases + i32(fresh),
+            nonfinite_predictions=c.nonfinite_predictions + i32(bad),
+            forward_passes=c.forward_passes + i32(jnp.isfinite(measured)),
         )
         upd_norm = jnp.where(bad, jnp.nan, _basis.norm(state.basis, coefs))
-        nan = jnp.asarray(jnp.nan, jnp.float32)
         last = StepInfo(
-            state.phase, jnp.asarray(False), nan, jnp.exp(log_pred), state.phase_budget, upd_norm
+            state.phase,
+            jnp.asarray(False),
+            measured,
+            jnp.exp(log_pred),
+            state.phase_budget,
+            upd_norm,
+            jnp.asarray(False),
+            jnp.asarray(False),
+            verdict.level,
+            jnp.int32(-1),
+            jnp.asarray(jnp.nan, jnp.float32),
         )
+        scale = jnp.where(
+            verdict.shrink_horizon, state.horizon_scale * cfg.horizon_shrink, state.horizon_scale
+        )
+        ph = _phases.advance(phase_of(state), cfg, jnp.asarray(False), state.phase_budget)
+        # a non-finite prediction or a monitor warning ends the phase now: verification next
+        stop = bad | verdict.force_real
+        correct = _phases.Phase(
+            jnp.full((), _phases.CORRECT, jnp.int32),
+            jnp.zeros((), jnp.int32),
+            jnp.full((), cfg.correct_steps, jnp.int32),
+            state.consecutive,
+        )
+        ph = choose(stop, correct, ph)
         new = state._replace(
             transport=transport,
             dynamics=dynamics,
             stats=st._replace(predicted_log_loss=log_pred),
             counters=counters,
             last=last,
+            snapshot=snapshot,
+            snapshot_valid=jnp.asarray(True),
+            pending_verify=ph.phase != _phases.PREDICT,
+            horizon_scale=scale,
+            monitor=monitor,
         )
-        ph = _phases.advance(phase_of(state), cfg, jnp.asarray(False), state.phase_budget)
-        ph = jax.tree.map(lambda a, b: jnp.where(bad, a, b), _phases.full_phase(cfg.full_steps), ph)
         return updates, with_phase(new, ph)
 
     def update(

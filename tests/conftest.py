@@ -33,6 +33,21 @@ def quadratic_batches(n, seed=0):
     return [jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(n)]
 
 
+# Thresholds so high that the safety layer never changes the schedule.
+SAFETY_OFF = dict(
+    horizon_shrink=1.0,
+    verify_tolerance=1e9,
+    monitor_loss_z_caution=1e6,
+    monitor_loss_z_warning=2e6,
+    monitor_loss_z_critical=3e6,
+    monitor_grad_explode=1e9,
+    monitor_grad_vanish=1e-9,
+    monitor_pred_error_caution=1e9,
+    monitor_pred_error_warning=1e9,
+    monitor_oscillation_amplitude=1e9,
+)
+
+
 def fast_config(**changes):
     """A config that reaches every phase within a few dozen steps."""
     base = dict(

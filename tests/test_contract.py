@@ -96,7 +96,8 @@ def test_optax_path_and_hybrid_step_agree():
     update = jax.jit(tx.update)
     for batch in batches:
         loss, grads = _grads(params, batch)
-        updates, state = update(grads, state, params, value=loss)
+        snap = quadratic_loss(state.snapshot, batch)  # what hybrid_step verifies with
+        updates, state = update(grads, state, params, value=loss, snapshot_value=snap)
         params = optax.apply_updates(params, updates)
 
     p2 = quadratic_params()

@@ -200,12 +200,13 @@ def test_nonfinite_delta_is_critical():
 def test_repeated_warnings_escalate():
     loss = np.ones(N)
     pred = np.full(N, NAN)
-    pred[:8] = 4.0  # relative error 3: a warning at each of the first 8 steps
-    states, verdicts = run(False, loss, loss, pred, True)
-    assert np.asarray(verdicts.level[:10]).tolist() == [2, 2, 3, 2, 2, 3, 2, 2, 0, 0]
+    pred[30:38] = 4.0  # relative error 3: a warning at each of 8 predicted steps
+    real = np.arange(N) < 30  # after the real steps that arm the monitor
+    states, verdicts = run(real, loss, loss, pred, True)
+    assert np.asarray(verdicts.level[30:40]).tolist() == [2, 2, 3, 2, 2, 3, 2, 2, 0, 0]
     escalated = np.asarray(verdicts.events[:, mon.ESCALATION])
-    assert np.flatnonzero(escalated).tolist() == [2, 5]
-    assert bool(verdicts.rollback[2]) and int(states.events[-1, mon.ESCALATION]) == 2
+    assert np.flatnonzero(escalated).tolist() == [32, 35]
+    assert bool(verdicts.rollback[32]) and int(states.events[-1, mon.ESCALATION]) == 2
     assert int(states.events[-1, mon.PREDICTION_ERROR]) == 8
 
 

@@ -40,7 +40,8 @@ def test_poisoned_basis_never_reaches_params(value, where):
     assert not bool(m["used_gradient"])
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
     assert int(m["nonfinite_predictions"]) == 1
-    assert int(state.phase) == hj.FULL  # real steps follow at once
+    assert int(state.phase) == hj.CORRECT  # real steps follow at once, verifying first
+    assert bool(state.pending_verify)
     for batch in batches:
         params, state, m = step(params, state, batch)
         assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
+from conftest import SAFETY_OFF, fast_config, quadratic_batches, quadratic_loss, quadratic_params
 
 import hybrid_jax as hj
 
@@ -57,7 +57,7 @@ def run_phases(tx, n):
     ],
 )
 def test_phase_sequence_matches_documented_schedule(changes):
-    cfg = fast_config(**changes)
+    cfg = fast_config(**changes, **SAFETY_OFF)
     metrics, _ = run_phases(hj.predictive(optax.sgd(0.01), cfg), 80)
     got = [int(m["phase"]) for m in metrics]
     assert got == documented_schedule(cfg, 80)
@@ -85,7 +85,7 @@ def gated_predictor(open_from_step):
 
 
 def test_predict_phases_wait_for_confidence():
-    cfg = fast_config(confidence_threshold=0.5)
+    cfg = fast_config(confidence_threshold=0.5, **SAFETY_OFF)
     tx = hj.predictive(optax.sgd(0.01), cfg, predictor=gated_predictor(20))
     metrics, _ = run_phases(tx, 60)
     got = [int(m["phase"]) for m in metrics]
