@@ -12,9 +12,14 @@ backward pass. A phase machine on the device chooses between them inside one
     params, state, metrics = step(params, state, batch)
 """
 
+from . import _report as report
+from ._bandit import BanditState
 from ._basis import Basis
+from ._checkpoint import Checkpointer
 from ._config import HybridConfig
+from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
+from ._monitor import EVENT_NAMES, LEVEL_NAMES, MonitorSettings, MonitorState
 from ._phases import CORRECT, FULL, PHASE_NAMES, PREDICT, WARMUP
 from ._predictors import (
     Observation,
@@ -25,36 +30,55 @@ from ._predictors import (
     extrapolate,
     last_update,
 )
+from ._residuals import Corrector, ResidualBuffer
+from ._rssm import RSSMSettings, RSSMState, rssm
 from ._state import Counters, HybridState, Stats, StepInfo
 from ._step import hybrid_step, make_hybrid_step
+from ._train import TrainResult, make_train_step, train
 from ._transform import PredictiveTransformation, force_full, predictive
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CORRECT",
+    "EVENT_NAMES",
     "FULL",
+    "LEVEL_NAMES",
     "METRIC_NAMES",
     "PHASE_NAMES",
     "PREDICT",
     "WARMUP",
+    "BanditState",
     "Basis",
+    "Checkpointer",
+    "Corrector",
     "Counters",
     "HybridConfig",
     "HybridState",
+    "MemoryMonitor",
+    "MonitorSettings",
+    "MonitorState",
     "Observation",
     "PredictContext",
     "Prediction",
     "PredictiveTransformation",
     "Predictor",
     "PredictorSpec",
+    "RSSMSettings",
+    "RSSMState",
+    "ResidualBuffer",
     "Stats",
     "StepInfo",
+    "TrainResult",
     "extrapolate",
     "force_full",
     "hybrid_step",
     "last_update",
     "make_hybrid_step",
+    "make_train_step",
     "metrics",
     "predictive",
+    "report",
+    "rssm",
+    "train",
 ]

@@ -258,7 +258,9 @@ def rssm(settings: RSSMSettings) -> Predictor:
             basis_size=spec.basis_size,
         )
         keys = jax.random.split(jax.random.key(s.seed), s.members + 1)
-        params = jax.vmap(lambda k: nnx.to_pure_dict(nnx.split(Member(s, nnx.Rngs(k)))[1]))(keys[1:])
+        params = jax.vmap(lambda k: nnx.to_pure_dict(nnx.split(Member(s, nnx.Rngs(k)))[1]))(
+            keys[1:]
+        )
         opt_state = jax.vmap(tx().init)(params)
         w, g, b, f, m = s.window, s.n_groups, s.basis_size, s.n_features, s.members
         window = Window(

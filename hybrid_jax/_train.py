@@ -1,0 +1,310 @@
+"""`hj.train`: a small driver around the jitted step, for scripts, notebooks and the CLI.
+
+The loop dispatches one jitted step per batch and keeps each step's metrics on the
+device, packed into one small vector; every ``sync_every`` steps it fetches them in one
+transfer, so the device is never made to wait on every step. Around that: a progress
+bar, periodic held-out evaluation, callbacks, memory sampling with an emergency
+checkpoint, and orbax checkpoints from which a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._checkpoint import Checkpointer
+from ._memory import MemoryMonitor
+from ._metrics import METRIC_NAMES
+from ._phases import FULL
+from ._step import hybrid_step
+from ._transform import PredictiveTransformation
+
+PyTree = Any
+Row = dict[str, Any]
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+      params, state: after the last step (``state`` is the optax state for a plain
+        optimizer).
+      rows: one dict of host scalars per step (``METRIC_NAMES`` plus ``time``, seconds
+        since the end of the first step, i.e. after compilation, when the step was
+        dispatched, and ``eval_loss`` on evaluation steps). With asynchronous dispatch a
+        step's dispatch waits for the device once its queue is full, so the clock follows
+        the device's pace; evaluations and checkpoints are inside it.
+      evals: ``(step, held-out loss)`` pairs.
+      memory: the memory monitor's summary (``None`` without a monitor).
+      start_step: the first step this call ran (after a resume, not 0).
+      compile_seconds: wall-clock of the first step (compilation included).
+    """
+
+    params: PyTree
+    state: Any
+    rows: list[Row] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    memory: dict[str, Any] | None = None
+    start_step: int = 0
+    compile_seconds: float = 0.0
+
+
+def _plain_metrics(step: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
+    """The metrics of a plain optax step, in the hybrid's names."""
+    n = step + 1
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    zero = jnp.zeros((), jnp.int32)
+    values = {
+        "step": step,
+        "phase": jnp.full((), FULL, jnp.int32),
+        "used_gradient": jnp.asarray(True),
+        "loss": loss.astype(jnp.float32),
+        "predicted_loss": nan,
+        "confidence": jnp.zeros((), jnp.float32),
+        "horizon": zero,
+        "verified": jnp.asarray(False),
+        "rolled_back": jnp.asarray(False),
+        "divergence_level": zero,
+        "backward_passes": n,
+        "forward_passes": n,
+        "predicted_steps": zero,
+        "update_norm": nan,
+        "accuracy": nan,
+        "nonfinite_predictions": zero,
+        "rollbacks": zero,
+        "skipped_updates": zero,
+        "divergence_events": zero,
+        "horizon_scale": jnp.ones((), jnp.float32),
+        "bandit_arm": jnp.full((), -1, jnp.int32),
+        "reward": nan,
+    }
+    return {k: values[k] for k in METRIC_NAMES}
+
+
+def _pack(m: dict[str, jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.asarray(m[k], jnp.float32) for k in METRIC_NAMES])
+
+
+def _unpack(vec: np.ndarray) -> Row:
+    row: Row = {}
+    for k, v in zip(METRIC_NAMES, vec.tolist(), strict=True):
+        if k in ("used_gradient", "verified", "rolled_back"):
+            row[k] = bool(v)
+        elif k in (
+            "loss",
+            "predicted_loss",
+            "confidence",
+            "update_norm",
+            "accuracy",
+            "horizon_scale",
+            "reward",
+        ):
+            row[k] = float(v)
+        else:
+            row[k] = int(v)
+    return row
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any], tx: optax.GradientTransformation
+) -> Callable[..., tuple[PyTree, Any, jax.Array]]:
+    """A jitted step ``(params, carry, batch) -> (params, carry, packed metrics)``.
+
+    For an ``hj.predictive`` transformation it is ``hybrid_step`` and ``carry`` is the
+    ``HybridState``; for any other optax optimizer it is the plain ``value_and_grad`` +
+    update step (the baseline) and ``carry`` is ``(optax state, int32 step)``. Params
+    and carry are donated.
+    """
+    if isinstance(tx, PredictiveTransformation):
+
+        def step(params, state, batch):
+            params, state, m = hybrid_step(loss_fn, tx, params, state, batch)
+            return params, state, _pack(m)
+
+    else:
+
+        def step(params, carry, batch):
+            state, i = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, state = tx.update(grads, state, params)
+            m = _plain_metrics(i, loss)
+            return optax.apply_updates(params, updates), (state, i + 1), _pack(m)
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def train(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    params: PyTree,
+    data: Callable[[int], Iterator[Any]],
+    *,
+    steps: int,
+    state: Any = None,
+    eval_fn: Callable[[PyTree], Any] | None = None,
+    eval_every: int = 0,
+    sync_every: int = 50,
+    callbacks: Sequence[Callable[[Row], None]] = (),
+    checkpointer: Checkpointer | None = None,
+    resume: bool = False,
+    memory: MemoryMonitor | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Trains for ``steps`` steps with ``tx`` (a hybrid or a plain optax optimizer).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar loss``.
+      tx: ``hj.predictive(...)`` or any optax optimizer (then every step is real).
+      params: initial parameters (donated: do not reuse them).
+      data: ``data(start)`` returns an iterator of batches beginning at batch ``start``;
+        batch ``i`` must depend only on ``i`` so that a resumed run sees the same data.
+      steps: total steps of the run (a resumed run stops at the same total).
+      state: initial optimizer state (default ``tx.init(params)``).
+      eval_fn: ``eval_fn(params) -> held-out loss``, run every ``eval_every`` steps and
+        after the last step (0: only after the last step).
+      sync_every: steps between fetches of the metrics from the device.
+      callbacks: called with each step's row (host scalars) after each fetch.
+      checkpointer: saves every ``checkpointer.every`` steps, after the last step, and on
+        a memory emergency; its config must describe this run.
+      resume: continue from the checkpointer's latest good checkpoint (if any).
+      memory: sampled at every fetch; its emergency triggers a checkpoint.
+      progress: show a progress bar (tqdm when installed, else a line per fetch).
+      desc: label of the progress bar.
+
+    Returns:
+      A ``TrainResult``.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"train: steps must be an int >= 1; got {steps!r}")
+    if not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"train: sync_every must be an int >= 1; got {sync_every!r}")
+    if not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(f"train: eval_every must be an int >= 0; got {eval_every!r}")
+    if resume and checkpointer is None:
+        raise ValueError("train: resume=True needs a checkpointer")
+    state = tx.init(params) if state is None else state
+    start = 0
+    if resume:
+        restored = checkpointer.restore(params, state)
+        if restored is not None:
+            done, params, state, _ = restored
+            start = done + 1
+    result = TrainResult(params, state, start_step=start)
+    if start >= steps:
+        return result
+
+    step_fn = make_train_step(loss_fn, tx)
+    plain = not isinstance(tx, PredictiveTransformation)
+    carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
+    batches = data(start)
+    bar = _progress(progress, steps, start, desc)
+    pending: list[tuple[int, float, jax.Array]] = []
+    emergency: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+
+    def save(i: int, reason: str) -> None:
+        """Checkpoints the state after step ``i`` (before the next step donates it)."""
+        if checkpointer is not None:
+            checkpointer.save(i, params, state, extra={"reason": reason}, force=True)
+
+    def flush() -> None:
+        if not pending:
+            return
+        vecs = jax.device_get([v for _, _, v in pending])
+        new_rows = []
+        for (_, t, _), vec in zip(pending, vecs, strict=True):
+            row = _unpack(np.asarray(vec))
+            row["time"] = t
+            new_rows.append(row)
+        pending.clear()
+        result.rows.extend(new_rows)
+        for cb in callbacks:
+            for row in new_rows:
+                cb(row)
+        if memory is not None:
+            last = new_rows[-1]
+            sample = memory.sample(last["step"], last["phase"])
+            if sample.get("emergency_started"):
+                emergency.append(sample)
+        bar(new_rows[-1], len(new_rows))
+
+    for i in range(start, steps):
+        batch = next(batches)
+        params, carry, vec = step_fn(params, carry, batch)
+        state = carry[0] if plain else carry
+        if i == start:  # compilation: timed apart, the clock of the rows starts after it
+            jax.block_until_ready(vec)
+            result.compile_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        pending.append((i, time.perf_counter() - t0, vec))
+        last_step = i == steps - 1
+        if len(pending) >= sync_every or last_step:
+            flush()
+        if eval_fn is not None and ((eval_every and (i + 1) % eval_every == 0) or last_step):
+            flush()
+            loss = float(eval_fn(params))
+            result.evals.append((i, loss))
+            result.rows[-1]["eval_loss"] = loss
+        if emergency:
+            save(i, "memory emergency")
+            emergency.clear()
+        if checkpointer is not None and ((i + 1) % checkpointer.every == 0 or last_step):
+            save(i, "end" if last_step else "interval")
+    bar(None, 0)
+    result.params, result.state = params, state
+    result.memory = memory.summary() if memory is not None else None
+    return result
+
+
+def _progress(
+    enabled: bool, total: int, start: int, desc: str
+) -> Callable[[Row | None, int], None]:
+    """A progress callback ``(last_row, n_new)``; ``(None, 0)`` closes it."""
+    if not enabled:
+        return lambda row, n: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - depends on the environment
+        tqdm = None
+    skipped = _skipped_share
+    if tqdm is None:
+
+        def line(row: Row | None, n: int) -> None:
+            if row is not None:
+                print(f"{desc} step {row['step'] + 1}/{total} {_describe(row, skipped(row))}")
+
+        return line
+    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+    def update(row: Row | None, n: int) -> None:
+        if row is None:
+            bar.close()
+            return
+        bar.set_postfix_str(_describe(row, skipped(row)), refresh=False)
+        bar.update(n)
+
+    return update
+
+
+def _skipped_share(row: Row) -> float:
+    return 1.0 - row["backward_passes"] / max(row["step"] + 1, 1)
+
+
+def _describe(row: Row, skipped: float) -> str:
+    from ._phases import PHASE_NAMES
+
+    loss = row["loss"]
+    loss_s = f"{loss:.4f}" if np.isfinite(loss) else "-"
+    return (
+        f"phase={PHASE_NAMES[row['phase']]} loss={loss_s} conf={row['confidence']:.2f} "
+        f"skipped={skipped:.0%}"
+    )
