@@ -21,10 +21,10 @@ import jax
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import environment  # noqa: E402
+from _timing import environment
 
-import hybrid_jax as hj  # noqa: E402
-from hybrid_jax import tasks  # noqa: E402
+import hybrid_jax as hj
+from hybrid_jax import tasks
 
 
 def main() -> None:
@@ -55,8 +55,15 @@ def main() -> None:
 
     def driver() -> float:
         t0 = time.perf_counter()
-        res = hj.train(tasks.mlp_loss, tx, tasks.mlp_init(jax.random.key(0)), data,
-                       steps=args.steps, sync_every=args.sync_every, progress=False)
+        res = hj.train(
+            tasks.mlp_loss,
+            tx,
+            tasks.mlp_init(jax.random.key(0)),
+            data,
+            steps=args.steps,
+            sync_every=args.sync_every,
+            progress=False,
+        )
         jax.block_until_ready(res.params)
         # the first step (its compilation, if any, included) is left out, as in bare()
         return (args.steps - 1) / (time.perf_counter() - t0 - res.compile_seconds)

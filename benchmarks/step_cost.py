@@ -119,7 +119,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="steps per timed loop (0: by model)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--basis-dtype", default="float32")
+    ap.add_argument("--predictor", default="last_update", help="last_update, extrapolate, rssm")
     ap.add_argument("--variants", default="cond", help="comma list: cond,delta_cond,while")
+    ap.add_argument("--skip-baselines", action="store_true", help="only the hybrid variants")
     ap.add_argument("--fused", action="store_true", help="also time lax.scan loops")
     ap.add_argument("--out", default="", help="append JSON lines here")
     ap.add_argument("--dump-hlo", default="", help="write each hybrid variant's optimised HLO here")
@@ -129,7 +131,7 @@ def main() -> None:
     params0, loss_fn, batch = build(args.model)
     n_params = sum(x.size for x in jax.tree.leaves(params0))
     inner = optax.adamw(3e-4)
-    cfg = hj.HybridConfig(basis_dtype=args.basis_dtype)
+    cfg = hj.HybridConfig(basis_dtype=args.basis_dtype, predictor=args.predictor)
     tx = hj.predictive(inner, cfg)
     fresh = lambda: jax.tree.map(jnp.copy, params0)
     rows = []
@@ -176,32 +178,33 @@ def main() -> None:
         updates, opt_state = inner.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    p = fresh()
-    compiled, cs = timed_compile(
-        jax.jit(adamw_step, donate_argnums=(0, 1)), p, inner.init(p), batch
-    )
-    t, s, _ = time_loop(compiled, (p, inner.init(p)), batches)
-    record("adamw", t, s, cs, big_copies(compiled))
-
-    # forward only
-    p = fresh()
-    compiled, cs = timed_compile(jax.jit(loss_fn), p, batch)
-    t, s = median_time(lambda: [compiled(p, b) for b in batches][-1], args.repeats)
-    record("forward", t / n, s / n, cs)
-
-    # floor of a predicted step: params + c0 * b0 + c1 * b1 (basis_size 2), params donated
-    def floor(params, basis, c):
-        out = jax.tree.map(
-            lambda x, b: x + (c[0] * b[0] + c[1] * b[1]).astype(x.dtype), params, basis
+    if not args.skip_baselines:
+        p = fresh()
+        compiled, cs = timed_compile(
+            jax.jit(adamw_step, donate_argnums=(0, 1)), p, inner.init(p), batch
         )
-        return out, basis
+        t, s, _ = time_loop(compiled, (p, inner.init(p)), batches)
+        record("adamw", t, s, cs, big_copies(compiled))
 
-    basis = tx.init(p).basis.vectors
-    cvec = jnp.asarray([0.5, 0.25], jnp.float32)
-    compiled, cs = timed_compile(jax.jit(floor, donate_argnums=(0,)), fresh(), basis, cvec)
-    t, s, _ = time_loop(lambda p, b, c: compiled(p, b, c), (fresh(), basis), [cvec] * n)
-    record("floor(params+basis combo)", t, s, cs)
-    del basis
+        # forward only
+        p = fresh()
+        compiled, cs = timed_compile(jax.jit(loss_fn), p, batch)
+        t, s = median_time(lambda: [compiled(p, b) for b in batches][-1], args.repeats)
+        record("forward", t / n, s / n, cs)
+
+        # floor of a predicted step: params + c0 * b0 + c1 * b1 (basis_size 2), params donated
+        def floor(params, basis, c):
+            out = jax.tree.map(
+                lambda x, b: x + (c[0] * b[0] + c[1] * b[1]).astype(x.dtype), params, basis
+            )
+            return out, basis
+
+        basis = tx.init(p).basis.vectors
+        cvec = jnp.asarray([0.5, 0.25], jnp.float32)
+        compiled, cs = timed_compile(jax.jit(floor, donate_argnums=(0,)), fresh(), basis, cvec)
+        t, s, _ = time_loop(lambda p, b, c: compiled(p, b, c), (fresh(), basis), [cvec] * n)
+        record("floor(params+basis combo)", t, s, cs)
+        del basis
 
     makers = {
         "cond": lambda: hj.make_hybrid_step(loss_fn, tx),
@@ -256,6 +259,8 @@ def main() -> None:
     print(json.dumps(env))
     by = {r["mode"]: r["ms"] for r in rows}
     for variant in args.variants.split(","):
+        if "adamw" not in by:
+            continue
         real, pred = by[f"hybrid[{variant}] real"], by[f"hybrid[{variant}] predicted"]
         print(
             f"[{variant}] predicted/real = {pred / real:.4f}; "

@@ -66,24 +66,22 @@ def physical_index(head: jax.Array, size: int) -> jax.Array:
 def gram(basis: Basis, update: PyTree, group_of_leaf: tuple[int, ...], n_groups: int) -> Gram:
     """Inner products of ``update`` with the basis, summed within each group.
 
-    Written as elementwise products and sums (not matrix products) so that XLA reads
-    each buffer once in a few fused reductions.
+    The directions' own Gram matrix is tracked in ``basis.gram`` (``push`` keeps it), so
+    this reads each buffer once: ``B`` products with the update and its square norm,
+    written as elementwise products and sums that XLA fuses.
     """
     size = jax.tree.leaves(basis.vectors)[0].shape[0]
-    pairs = [(i, j) for i in range(size + 1) for j in range(i, size + 1)]
-    sums = jnp.zeros((n_groups, len(pairs)), jnp.float32)
+    bu = jnp.zeros((n_groups, size), jnp.float32)
+    uu = jnp.zeros((n_groups,), jnp.float32)
     for g, v, u in zip(
         group_of_leaf, jax.tree.leaves(basis.vectors), jax.tree.leaves(update), strict=True
     ):
-        rows = [v[b].astype(jnp.float32) for b in range(size)] + [u.astype(jnp.float32)]
-        leaf = jnp.stack([jnp.sum(rows[i] * rows[j]) for i, j in pairs])
-        sums = sums.at[g].add(leaf)
-    full = jnp.zeros((n_groups, size + 1, size + 1), jnp.float32)
-    ii, jj = zip(*pairs, strict=True)
-    full = full.at[:, ii, jj].set(sums).at[:, jj, ii].set(sums)
+        u32 = u.astype(jnp.float32)
+        dots = [jnp.sum(v[b].astype(jnp.float32) * u32) for b in range(size)]
+        bu = bu.at[g].add(jnp.stack(dots))
+        uu = uu.at[g].add(jnp.sum(u32 * u32))
     idx = physical_index(basis.head, size)
-    bb = full[:, :size, :size][:, idx][:, :, idx]
-    return Gram(bb, full[:, size, :size][:, idx], full[:, size, size])
+    return Gram(basis.gram, bu[:, idx], uu)
 
 
 def fit(g: Gram, ridge: float) -> tuple[jax.Array, jax.Array]:
@@ -136,21 +134,27 @@ def cosine(g: Gram, coefs: jax.Array) -> jax.Array:
     return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def push(basis: Basis, update: PyTree, g: Gram, decay: float) -> Basis:
+def push(
+    basis: Basis, update: PyTree, g: Gram, decay: float, keep: jax.Array | bool = True
+) -> Basis:
     """Adds a real update: it becomes the last update, enters the EMA and the ring.
 
     ``g`` is ``gram(basis, update, ...)``; the new directions' Gram matrix follows from
-    it without another pass over the parameters.
+    it without another pass over the parameters. With ``keep`` false the basis is
+    returned unchanged; the choice is made inside the in-place writes (a select of the
+    written values, never of whole buffers), so that XLA updates the buffers in place.
     """
+    keep = jnp.asarray(keep)
     size = jax.tree.leaves(basis.vectors)[0].shape[0]
-    head = jnp.mod(basis.head + 1, size - 1).astype(jnp.int32)
+    head = jnp.where(keep, jnp.mod(basis.head + 1, size - 1), basis.head).astype(jnp.int32)
     first = basis.count == 0
 
     def one(v: jax.Array, u: jax.Array) -> jax.Array:
         u = u.astype(v.dtype)
         ema = jnp.where(first, u, decay * v[0] + (1.0 - decay) * u).astype(v.dtype)
-        v = v.at[0].set(ema)
-        return jax.lax.dynamic_update_index_in_dim(v, u, 1 + head, axis=0)
+        v = v.at[0].set(jnp.where(keep, ema, v[0]))
+        slot = jax.lax.dynamic_index_in_dim(v, 1 + head, axis=0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(v, jnp.where(keep, u, slot), 1 + head, axis=0)
 
     vectors = jax.tree.map(one, basis.vectors, update)
     a = _shift(size, decay, first)  # (B, B+1) over [old directions..., update]
@@ -161,8 +165,8 @@ def push(basis: Basis, update: PyTree, g: Gram, decay: float) -> Basis:
         ],
         axis=1,
     )
-    new_gram = jnp.einsum("ij,gjk,lk->gil", a, ext, a)
-    return Basis(vectors, head, basis.count + 1, new_gram)
+    new_gram = jnp.where(keep, jnp.einsum("ij,gjk,lk->gil", a, ext, a), basis.gram)
+    return Basis(vectors, head, basis.count + keep.astype(jnp.int32), new_gram)
 
 
 def _shift(size: int, decay: float, first: jax.Array | bool = False) -> jax.Array:

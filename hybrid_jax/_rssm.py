@@ -197,7 +197,8 @@ def _member_rollout(params, gd, s: RSSMSettings, h: jax.Array, z: jax.Array) -> 
         z = _onehot_mode(_probs(m.prior(h), s))
         return (h, z), out
 
-    return jax.lax.scan(body, (h, z), None, length=s.horizon)[1]
+    # unrolled (in blocks) so that XLA fuses across steps: fewer, larger kernels
+    return jax.lax.scan(body, (h, z), None, length=s.horizon, unroll=min(s.horizon, 16))[1]
 
 
 def rollout_summary(outs: jax.Array, s: RSSMSettings) -> tuple[jax.Array, jax.Array, jax.Array]:

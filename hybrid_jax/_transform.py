@@ -112,6 +112,7 @@ def predictive(
         **{f: getattr(cfg, "monitor_" + f) for f in _monitor.MonitorSettings._fields}
     )
     arms = jnp.asarray(cfg.bandit_horizons, jnp.int32)
+    scale_floor = cfg.min_horizon / cfg.max_horizon  # the shrunk horizon is min_horizon
 
     def layout(params: PyTree) -> tuple[tuple[int, ...], int]:
         leaves = jax.tree.leaves(params)
@@ -241,13 +242,15 @@ def predictive(
         )
         rollback = state.snapshot_valid & ((verifying & ~accepted) | verdict.rollback)
 
-        # a rolled-back or non-finite step applies no gradient (the moments see a zero one)
+        # a rolled-back or non-finite step applies nothing and leaves the optimizer as it was
         drop = skip | rollback
-        grads = jax.tree.map(lambda g: jnp.where(drop, jnp.zeros_like(g), g), grads)
         if value is not None:
-            extra_args = {**extra_args, "value": jnp.where(skip, 0.0, value)}
-        updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
-        updates = jax.tree.map(lambda u: jnp.where(drop, jnp.zeros_like(u), u), updates)
+            extra_args = {**extra_args, "value": value}
+        updates, inner_state = jax.lax.cond(
+            drop,
+            lambda: (jax.tree.map(jnp.zeros_like, params), state.inner),
+            lambda: inner.update(grads, state.inner, params, **extra_args),
+        )
 
         g = _basis.gram(state.basis, updates, groups, n_groups)
         target, r2 = _basis.fit(g, cfg.fit_ridge)
@@ -267,8 +270,7 @@ def predictive(
         )
 
         update_norm = jnp.sqrt(jnp.sum(g.uu))
-        pushed = _basis.push(state.basis, updates, g, cfg.basis_ema_decay)
-        basis = choose(drop, state.basis, pushed)
+        basis = _basis.push(state.basis, updates, g, cfg.basis_ema_decay, keep=~drop)
         enc = state.encoder
         gap = jnp.where(enc.last_real_step >= 0, state.step - enc.last_real_step, 1).astype(
             jnp.int32
@@ -331,7 +333,7 @@ def predictive(
         # bandit: verified progress per unit of cost, in units of recent real-step progress
         h_done = state.last.horizon.astype(jnp.float32)
         progress = jnp.log(jnp.maximum(snap, 1e-30)) - jnp.log(jnp.maximum(loss, 1e-30))
-        per_step = jnp.maximum(-st.log_loss_trend, 1e-4)
+        per_step = jnp.maximum(jnp.abs(st.log_loss_trend), 1e-3)
         cost = h_done * cfg.predicted_step_cost + cfg.verify_cost
         reward = jnp.clip(progress / per_step / cost, -100.0, 100.0)
         learn_arm = verifying & (state.bandit.last_arm >= 0) & jnp.isfinite(reward)
@@ -347,6 +349,7 @@ def predictive(
         )
         scale = jnp.where(rollback, scale * cfg.horizon_shrink, scale)
         scale = jnp.where(accepted, jnp.minimum(scale * 2.0, 1.0), scale)
+        scale = jnp.maximum(scale, scale_floor)
 
         nxt, _ = pred.predict(dynamics, PredictContext(jnp.int32(0), accuracy, trend))
         confidence = jnp.clip(jnp.asarray(nxt.confidence, jnp.float32), 0.0, 1.0)
@@ -367,7 +370,7 @@ def predictive(
         stats = Stats(
             loss=jnp.where(jnp.isfinite(loss), loss, st.loss),
             loss_level=jnp.where(
-                jnp.isfinite(loss),
+                jnp.isfinite(loss) & (verdict.level < _monitor.WARNING),
                 jnp.where(
                     jnp.isfinite(st.loss_level), ema(st.loss_level, loss, cfg.loss_ema_decay), loss
                 ),
@@ -411,6 +414,15 @@ def predictive(
             state.snapshot,
             params,
         )
+        # the snapshot of a Predict phase: the parameters this step produces, written only
+        # when one starts (a branch over the snapshot's buffers alone: one passes them through)
+        snapshot = jax.lax.cond(
+            entering,
+            lambda: jax.tree.map(
+                lambda s, p, u: (p + u).astype(s.dtype), state.snapshot, params, updates
+            ),
+            lambda: state.snapshot,
+        )
         new = state._replace(
             inner=inner_state,
             basis=basis,
@@ -419,7 +431,8 @@ def predictive(
             stats=stats,
             counters=counters,
             last=last,
-            snapshot_valid=state.snapshot_valid & ~verifying & ~rollback,
+            snapshot=snapshot,
+            snapshot_valid=entering | (state.snapshot_valid & ~verifying & ~rollback),
             pending_verify=jnp.asarray(False),
             horizon_scale=scale,
             residuals=residuals,
@@ -435,7 +448,6 @@ def predictive(
         groups, _ = layout(params)
         st = state.stats
         fresh = state.phase_step == 0
-        snapshot = jax.lax.cond(fresh, lambda: params, lambda: state.snapshot)
         eye = jnp.eye(size, dtype=jnp.float32)
         transport = jnp.where(fresh, eye, state.transport)
         ctx = PredictContext(state.phase_step, st.accuracy, st.log_loss_trend)
@@ -482,6 +494,7 @@ def predictive(
         scale = jnp.where(
             verdict.shrink_horizon, state.horizon_scale * cfg.horizon_shrink, state.horizon_scale
         )
+        scale = jnp.maximum(scale, scale_floor)
         ph = _phases.advance(phase_of(state), cfg, jnp.asarray(False), state.phase_budget)
         # a non-finite prediction or a monitor warning ends the phase now: verification next
         stop = bad | verdict.force_real
@@ -498,8 +511,6 @@ def predictive(
             stats=st._replace(predicted_log_loss=log_pred),
             counters=counters,
             last=last,
-            snapshot=snapshot,
-            snapshot_valid=jnp.asarray(True),
             pending_verify=ph.phase != _phases.PREDICT,
             horizon_scale=scale,
             monitor=monitor,
@@ -573,4 +584,6 @@ def force_full(state: HybridState, n: int | jax.Array) -> HybridState:
         phase_step=ph.phase_step,
         phase_budget=ph.phase_budget,
         consecutive=ph.consecutive,
+        # an interrupted Predict phase is still verified by the next real step
+        pending_verify=state.pending_verify | state.snapshot_valid,
     )

@@ -1,0 +1,136 @@
+"""Cost of the dynamics model's pieces, alone and as a share of a real training step.
+
+    python benchmarks/dynamics_cost.py [--groups 10] [--members 5] [--hidden 256]
+
+Times (median of repeats, after compiling): a rollout of the RSSM ensemble through its
+prior for horizons 1, 5, 15, 25, 50 and 75 (per horizon step), one online training
+update (``observe``: window BPTT, optimizer step and the rollout it stores), the feature
+encoding, and one bandit select + update. ``--real-step-ms`` gives the real step to
+divide by (e.g. the GPT-2-small figure from ``step_cost.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import environment, median_time
+
+from hybrid_jax import _bandit, _encoder, _rssm
+from hybrid_jax._predictors import Observation, PredictorSpec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--groups", type=int, default=10, help="coefficient groups (param leaves)")
+    ap.add_argument("--basis", type=int, default=2)
+    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--real-step-ms", type=float, default=0.0)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    g, b = args.groups, args.basis
+    base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
+    f = _encoder.n_features(b)
+    rows = []
+
+    def record(name, seconds, per=1):
+        ms = seconds * 1e3 / per
+        share = ms / args.real_step_ms if args.real_step_ms else None
+        rows.append(dict(name=name, ms=ms, share_of_real_step=share))
+        tail = f"  ({100 * share:.3f}% of a real step)" if share else ""
+        print(f"{name:34s} {ms * 1e3:10.2f} us{tail}", flush=True)
+
+    def rollout_seconds(horizon: int) -> float:
+        s = base._replace(horizon=horizon)
+        state = _rssm.rssm(s).init(PredictorSpec(g, b, None))
+        full = s._replace(n_features=f, n_groups=g, basis_size=b)
+        gd = _rssm._graphdef(full)
+        h = jnp.zeros((s.members, s.hidden), jnp.float32)
+        z = jnp.zeros((s.members, s.latent_groups * s.latent_classes), jnp.float32)
+
+        @jax.jit
+        def roll(params, h, z):
+            outs = jax.vmap(lambda p, h, z: _rssm._member_rollout(p, gd, full, h, z))(params, h, z)
+            return _rssm.rollout_summary(outs, full)
+
+        return median_time(lambda: roll(state.params, h, z), args.repeats)[0]
+
+    for horizon in (1, 5, 15, 25, 50, 75):
+        record(f"rollout per horizon step (H={horizon})", rollout_seconds(horizon), horizon)
+
+    pred = _rssm.rssm(base)
+    state = pred.init(PredictorSpec(g, b, None))
+    obs = Observation(
+        target_coefs=jnp.ones((g, b)),
+        fit_r2=jnp.ones((g,)),
+        loss=jnp.float32(1.0),
+        log_loss_change=jnp.float32(-0.01),
+        grad_norm=jnp.float32(1.0),
+        update_norm=jnp.float32(0.1),
+        cosine=jnp.float32(0.9),
+        step=jnp.int32(3),
+        gap=jnp.int32(1),
+        realised_cosine=jnp.float32(0.9),
+        features=jnp.zeros((f,)),
+    )
+    observe = jax.jit(pred.observe, donate_argnums=(0,))
+    box = [observe(state, obs)]
+
+    def run_observe():
+        box[0] = observe(box[0], obs)
+        return box[0]
+
+    t, _ = median_time(run_observe, args.repeats)
+    record("online training update (observe)", t)
+
+    enc = _encoder.init(b)
+
+    @jax.jit
+    def encode(enc, x):
+        raw = _encoder.raw_features(
+            loss=x,
+            log_loss_change=x,
+            grad_norm=x,
+            update_norm=x,
+            cosine=x,
+            fit_r2=x,
+            moments=(x, x),
+            phase=jnp.int32(1),
+            gap=jnp.int32(1),
+            phase_position=x,
+            mean_coefs=jnp.ones((b,)) * x,
+        )
+        return _encoder.normalise(enc, raw, 0.99)
+
+    t, _ = median_time(lambda: encode(enc, jnp.float32(0.5)), args.repeats)
+    record("feature encoding (scalars in)", t)
+
+    bandit = _bandit.init(4, f + 1)
+    ctx = jnp.ones((f + 1,), jnp.float32)
+
+    @jax.jit
+    def select_update(bandit, ctx):
+        arm, _ = _bandit.select(bandit, ctx, 1.0)
+        return _bandit.update(bandit, arm, ctx, jnp.float32(0.5), 0.98)
+
+    t, _ = median_time(lambda: select_update(bandit, ctx), args.repeats)
+    record("bandit select + update", t)
+    env = environment()
+    print(json.dumps(env))
+    if args.out:
+        with open(args.out, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({**r, **vars(args), **env}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
