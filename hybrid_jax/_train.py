@@ -191,13 +191,12 @@ def train(
         raise ValueError(f"train: eval_every must be an int >= 0; got {eval_every!r}")
     if resume and checkpointer is None:
         raise ValueError("train: resume=True needs a checkpointer")
-    state = tx.init(params) if state is None else state
+    state = jax.jit(tx.init)(params) if state is None else state
     start = 0
     if resume:
         restored = checkpointer.restore(params, state)
         if restored is not None:
-            done, params, state, _ = restored
-            start = done + 1
+            start, params, state, _ = restored  # checkpoint N holds the state after N steps
     result = TrainResult(params, state, start_step=start)
     if start >= steps:
         return result
@@ -212,9 +211,10 @@ def train(
     t0 = time.perf_counter()
 
     def save(i: int, reason: str) -> None:
-        """Checkpoints the state after step ``i`` (before the next step donates it)."""
+        """Checkpoints the state after step ``i``, as checkpoint ``i + 1`` (steps done),
+        before the next step donates its buffers."""
         if checkpointer is not None:
-            checkpointer.save(i, params, state, extra={"reason": reason}, force=True)
+            checkpointer.save(i + 1, params, state, extra={"reason": reason}, force=True)
 
     def flush() -> None:
         if not pending:
