@@ -55,6 +55,12 @@ def main() -> None:
     ap.add_argument("--lrs", default="3e-4,1e-3")
     ap.add_argument("--predictors", default="last_update,extrapolate")
     ap.add_argument("--schedules", default="2x2,3x3,5x5,10x2", help="HxC pairs")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="confidence_threshold for every predictor (default: the config's)",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     split = tasks.digits(0)
@@ -66,6 +72,7 @@ def main() -> None:
         for pred in args.predictors.split(","):
             for sched in args.schedules.split(","):
                 h, c = map(int, sched.split("x"))
+                extra = {} if args.threshold is None else {"confidence_threshold": args.threshold}
                 cfg = hj.HybridConfig(
                     warmup_steps=50,
                     full_steps=10,
@@ -73,6 +80,7 @@ def main() -> None:
                     min_horizon=1,
                     max_horizon=h,
                     predictor=pred,
+                    **extra,
                 )
                 res = [
                     run(split, hj.predictive(optax.adamw(lr), cfg), args.steps, s) for s in seeds
@@ -89,6 +97,7 @@ def main() -> None:
                     dict(
                         lr=lr,
                         predictor=pred,
+                        threshold=cfg.confidence_threshold,
                         horizon=h,
                         correct=c,
                         skipped=skipped,

@@ -147,6 +147,7 @@ def main() -> None:
                 big_copies=copies,
                 n_params=int(n_params),
                 basis_dtype=args.basis_dtype,
+                predictor=args.predictor,
                 steps_per_loop=n,
             )
         )

@@ -41,7 +41,7 @@ class Observation(NamedTuple):
     target_coefs: jax.Array  # (G, B): least-squares fit of the update onto the basis
     fit_r2: jax.Array  # (G,): R^2 of that fit
     loss: jax.Array  # loss before the update (NaN if not given)
-    log_loss_change: jax.Array  # log(loss) - log(previous real loss); 0 if unknown
+    log_loss_change: jax.Array  # change of log(loss level) over this real step; 0 if unknown
     grad_norm: jax.Array
     update_norm: jax.Array
     cosine: jax.Array  # between this real update and the previous one

@@ -20,7 +20,7 @@ class Stats(NamedTuple):
 
     loss: jax.Array  # loss of the last real step (NaN until known)
     loss_level: jax.Array  # EMA of real-step losses: the level predictions start from
-    log_loss_trend: jax.Array  # EMA of the per-real-step change of log(loss)
+    log_loss_trend: jax.Array  # EMA of the per-real-step change of log(loss_level)
     accuracy: jax.Array  # EMA of the realised one-step cosine of the predictor
     confidence: jax.Array  # the predictor's confidence after the last real step
     grad_norm: jax.Array

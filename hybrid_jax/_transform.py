@@ -262,8 +262,18 @@ def predictive(
         last_dir = jnp.zeros((n_groups, size), jnp.float32).at[:, 0].set(1.0)
         cos_last = jnp.where(ready, _basis.cosine(g, last_dir), 0.0)
 
-        known = jnp.isfinite(loss) & (loss > 0) & jnp.isfinite(st.loss) & (st.loss > 0)
-        ratio = jnp.where(known, loss, 1.0) / jnp.where(known, st.loss, 1.0)
+        # The loss level: an EMA of real-step losses (flagged losses left out). Its change is
+        # what the predictors learn and predict: minibatch noise mostly averaged away.
+        fresh_loss = jnp.isfinite(loss) & (verdict.level < _monitor.WARNING)
+        level = jnp.where(
+            fresh_loss,
+            jnp.where(
+                jnp.isfinite(st.loss_level), ema(st.loss_level, loss, cfg.loss_ema_decay), loss
+            ),
+            st.loss_level,
+        )
+        known = fresh_loss & (level > 0) & jnp.isfinite(st.loss_level) & (st.loss_level > 0)
+        ratio = jnp.where(known, level, 1.0) / jnp.where(known, st.loss_level, 1.0)
         dlog = jnp.where(known, jnp.log(ratio), 0.0)
         trend = jnp.where(
             known, ema(st.log_loss_trend, dlog, cfg.loss_ema_decay), st.log_loss_trend
@@ -369,13 +379,7 @@ def predictive(
 
         stats = Stats(
             loss=jnp.where(jnp.isfinite(loss), loss, st.loss),
-            loss_level=jnp.where(
-                jnp.isfinite(loss) & (verdict.level < _monitor.WARNING),
-                jnp.where(
-                    jnp.isfinite(st.loss_level), ema(st.loss_level, loss, cfg.loss_ema_decay), loss
-                ),
-                st.loss_level,
-            ),
+            loss_level=level,
             log_loss_trend=trend,
             accuracy=accuracy,
             confidence=confidence,
