@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import hybrid_jax as hj
@@ -69,24 +68,20 @@ def digits_split():
 
 
 def run_digits(split, tx, steps, seed, batch_size=64):
-    """Trains the digits MLP with ``tx``; a plain optax optimizer or a hybrid one."""
-    params = tasks.mlp_init(jax.random.key(seed))
-    state = tx.init(params)
-    stream = tasks.batches(split.x_train, split.y_train, batch_size, seed=seed)
-    if isinstance(tx, hj.PredictiveTransformation):
-        step = hj.make_hybrid_step(tasks.mlp_loss, tx)
-        for _ in range(steps):
-            params, state, m = step(params, state, next(stream))
-    else:
+    """Trains the digits MLP with ``tx`` (a hybrid or a plain optax optimizer) through
+    ``hj.train``; returns ``(params, state, last metrics row, held-out loss)``."""
 
-        @jax.jit
-        def step(params, state, batch):
-            grads = jax.grad(tasks.mlp_loss)(params, batch)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
+    def data(start):
+        return tasks.batches(split.x_train, split.y_train, batch_size, seed=seed, start=start)
 
-        m = None
-        for _ in range(steps):
-            params, state = step(params, state, next(stream))
-    held_out = float(tasks.mlp_loss(params, (split.x_test, split.y_test)))
-    return params, state, m, held_out
+    res = hj.train(
+        tasks.mlp_loss,
+        tx,
+        tasks.mlp_init(jax.random.key(seed)),
+        data,
+        steps=steps,
+        sync_every=steps,
+        progress=False,
+    )
+    held_out = float(tasks.mlp_loss(res.params, (split.x_test, split.y_test)))
+    return res.params, res.state, res.rows[-1], held_out
