@@ -8,9 +8,10 @@ phase                  int32    phase the step ran in: 0 warmup, 1 full, 2 predi
 used_gradient          bool     whether the step ran a backward pass (a real step)
 loss                   float32  loss at the parameters the step started from; NaN on a
                                 predicted step that ran no forward pass (``monitor_every``)
-predicted_loss         float32  the predictor's loss for the same parameters (on a real step:
-                                its one-step prediction from the previous real step); NaN
-                                where nothing could be predicted
+predicted_loss         float32  the predictor's loss level for the same parameters (the level
+                                is an EMA of real-step losses; on a real step: the one-step
+                                prediction made at the previous real step); NaN where
+                                nothing could be predicted
 confidence             float32  the predictor's confidence after the last real step, in [0, 1]
 horizon                int32    length of the current Predict phase, or of the next one
 verified               bool     a Predict phase was checked at this step: the loss at its

@@ -29,9 +29,12 @@ def hybrid_step(
     """One training step; the phase machine in ``state`` picks real or predicted.
 
     Real branch: ``value_and_grad(loss_fn)``, the wrapped optimizer's update, and what
-    the transformation learns from it. Predicted branch: the predicted update only, no
-    backward pass and no forward pass, except a forward pass (the loss at the step's
-    starting parameters) every ``config.monitor_every`` predicted steps when that is > 0.
+    the transformation learns from it; on the first real step after a Predict phase, one
+    more forward pass (the loss at the phase's snapshot, on the same batch) verifies the
+    phase, and a rejected phase is rolled back exactly to the snapshot. Predicted branch:
+    the predicted update only, no backward pass and no forward pass, except a forward
+    pass (the loss at the step's starting parameters, which the divergence monitor
+    checks) every ``config.monitor_every`` predicted steps when that is > 0.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (a float scalar), or

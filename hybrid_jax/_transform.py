@@ -30,8 +30,11 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
     ``init`` and ``update`` behave as in optax. The extras (attributes):
 
     - ``needs_gradient(state) -> bool[]``: whether the next step is a real step;
-    - ``real_update(grads, state, params, *, value=None, **extra_args)``: a real step;
-    - ``predicted_update(state, params) -> (updates, state)``: a predicted step;
+    - ``real_update(grads, state, params, *, value=None, snapshot_value=None,
+      **extra_args)``: a real step (``snapshot_value``: the loss at ``state.snapshot`` on
+      the same batch, for verification);
+    - ``predicted_update(state, params, *, loss=None) -> (updates, state)``: a predicted
+      step (``loss``: the loss at ``params`` if one was measured, for the monitor);
     - ``config``: the ``HybridConfig``; ``predictor``: the ``Predictor``.
     """
 
