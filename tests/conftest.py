@@ -47,6 +47,20 @@ SAFETY_OFF = dict(
 )
 
 
+def quadratic_run_until_predict(tx, n_batches):
+    """A jitted quadratic run stopped at its first Predict phase.
+
+    Returns ``(step, params, state, remaining batches)``.
+    """
+    params = quadratic_params()
+    state = tx.init(params)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    batches = iter(quadratic_batches(n_batches))
+    while int(state.phase) != hj.PREDICT:
+        params, state, _ = step(params, state, next(batches))
+    return step, params, state, batches
+
+
 def fast_config(**changes):
     """A config that reaches every phase within a few dozen steps."""
     base = dict(

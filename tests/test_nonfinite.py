@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
+from conftest import fast_config, quadratic_run_until_predict
 
 import hybrid_jax as hj
 
@@ -29,12 +29,7 @@ def _poison(state, value, where):
 def test_poisoned_basis_never_reaches_params(value, where):
     cfg = fast_config()
     tx = hj.predictive(optax.adam(1e-2), cfg)
-    params = quadratic_params()
-    state = tx.init(params)
-    step = hj.make_hybrid_step(quadratic_loss, tx)
-    batches = iter(quadratic_batches(60))
-    while int(state.phase) != hj.PREDICT:
-        params, state, _ = step(params, state, next(batches))
+    step, params, state, batches = quadratic_run_until_predict(tx, 60)
     state = _poison(state, value, where)
     params, state, m = step(params, state, next(batches))
     assert not bool(m["used_gradient"])
@@ -50,12 +45,7 @@ def test_poisoned_basis_never_reaches_params(value, where):
 def test_huge_but_finite_prediction_is_held_back_where_it_would_overflow():
     cfg = fast_config()
     tx = hj.predictive(optax.adam(1e-2), cfg)
-    params = quadratic_params()
-    state = tx.init(params)
-    step = hj.make_hybrid_step(quadratic_loss, tx)
-    batches = iter(quadratic_batches(60))
-    while int(state.phase) != hj.PREDICT:
-        params, state, _ = step(params, state, next(batches))
+    step, params, state, batches = quadratic_run_until_predict(tx, 60)
     params = jax.tree.map(lambda p: p.at[0].set(3e38), params)
     state = _poison(state, 3e38, "all")
     params, state, m = step(params, state, next(batches))

@@ -3,7 +3,14 @@
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import SAFETY_OFF, fast_config, quadratic_batches, quadratic_loss, quadratic_params
+from conftest import (
+    SAFETY_OFF,
+    fast_config,
+    quadratic_batches,
+    quadratic_loss,
+    quadratic_params,
+    quadratic_run_until_predict,
+)
 
 import hybrid_jax as hj
 
@@ -102,12 +109,7 @@ def test_confidence_horizon_policy_scales_with_confidence():
 def test_force_full_interrupts_a_predict_phase():
     cfg = fast_config()
     tx = hj.predictive(optax.sgd(0.01), cfg)
-    params = quadratic_params()
-    state = tx.init(params)
-    step = hj.make_hybrid_step(quadratic_loss, tx)
-    batches = iter(quadratic_batches(40))
-    while int(state.phase) != hj.PREDICT:
-        params, state, _ = step(params, state, next(batches))
+    step, params, state, batches = quadratic_run_until_predict(tx, 40)
     state = hj.force_full(state, 5)
     phases = []
     for _ in range(5):
