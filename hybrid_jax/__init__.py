@@ -32,6 +32,13 @@ from ._predictors import (
 )
 from ._residuals import Corrector, ResidualBuffer
 from ._rssm import RSSMSettings, RSSMState, rssm
+from ._sharding import (
+    batch_sharding,
+    data_mesh,
+    make_sharded_hybrid_step,
+    param_shardings,
+    state_shardings,
+)
 from ._state import Counters, HybridState, Stats, StepInfo
 from ._step import hybrid_step, make_hybrid_step
 from ._train import TrainResult, make_train_step, train
@@ -70,15 +77,20 @@ __all__ = [
     "Stats",
     "StepInfo",
     "TrainResult",
+    "batch_sharding",
+    "data_mesh",
     "extrapolate",
     "force_full",
     "hybrid_step",
     "last_update",
     "make_hybrid_step",
+    "make_sharded_hybrid_step",
     "make_train_step",
     "metrics",
+    "param_shardings",
     "predictive",
     "report",
     "rssm",
+    "state_shardings",
     "train",
 ]
