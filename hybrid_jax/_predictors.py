@@ -132,26 +132,12 @@ def builtin(config: Any) -> Predictor:
     if name == "rssm":
         from ._rssm import RSSMSettings, rssm
 
-        c = config
-        return rssm(
-            RSSMSettings(
-                members=c.rssm_members,
-                hidden=c.rssm_hidden,
-                latent_groups=c.rssm_latent_groups,
-                latent_classes=c.rssm_latent_classes,
-                mlp=c.rssm_mlp,
-                window=c.rssm_window,
-                learning_rate=c.rssm_learning_rate,
-                grad_clip=c.rssm_grad_clip,
-                free_bits=c.rssm_free_bits,
-                kl_dyn=c.rssm_kl_dyn,
-                kl_rep=c.rssm_kl_rep,
-                bootstrap=c.rssm_bootstrap,
-                calibration_forget=c.rssm_calibration_forget,
-                horizon=c.max_horizon,
-                seed=c.rssm_seed,
-            )
-        )
+        named = {
+            f: getattr(config, "rssm_" + f)
+            for f in RSSMSettings._fields
+            if hasattr(config, "rssm_" + f)
+        }
+        return rssm(RSSMSettings(**named, horizon=config.max_horizon))
     if name == "last_update":
         return last_update()
     if name == "extrapolate":
