@@ -1,0 +1,642 @@
+"""End to end: does the hybrid reach the same held-out loss sooner than what a user would pick?
+
+    python benchmarks/end_to_end.py --size cpu --out benchmarks/results/e2e_cpu   # 2 CPU cores, < 10 min
+    python benchmarks/end_to_end.py --size gpu --out DIR                          # one GPU
+    python benchmarks/end_to_end.py --summarize DIR/runs.jsonl --out DIR          # tables + plots again
+
+The arms of ``BENCHMARKS.md``, in one process, with the same seeds and the same data order
+(batch ``i`` of seed ``s`` is the same array for every arm):
+
+- ``adamw@LR``: ``optax.adamw`` with linear warmup and cosine decay to 10%, for each learning
+  rate of a small sweep; the best median final held-out loss is the *tuned* AdamW;
+- ``matched``: AdamW at the tuned learning rate given the hybrid's measured wall-clock (fewer
+  or more steps, the schedule compressed or stretched to fit);
+- ``hybrid:last_update``, ``hybrid:extrapolate``, ``hybrid:rssm``: ``hj.predictive`` around the
+  tuned AdamW;
+- ``lookahead``: ``optax.lookahead`` around the tuned AdamW (evaluated on the slow weights).
+
+Every arm runs as a fused ``lax.scan`` over chunks of ``eval_every`` steps (one compile per
+arm, timed separately; inputs donated; the chunk's batches are put on the device before the
+clock starts); the held-out loss is measured between chunks and not timed. The learning
+rate is set from the global step inside the step for every arm, so that the hybrid's
+schedule follows the steps taken, real and predicted.
+
+Outputs under ``--out``: ``runs.jsonl`` (one line per arm and seed, with its curve),
+``summary.json``, ``summary.md`` (the tables of ``RESULTS.md``) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import environment
+
+import hybrid_jax as hj
+from hybrid_jax import tasks
+
+PREDICTORS = ("last_update", "extrapolate", "rssm")
+
+
+class Deadline(Exception):
+    """``--deadline`` passed: stop before the next run (``--resume`` goes on)."""
+
+
+class Workload(NamedTuple):
+    name: str
+    init: Any  # key -> params
+    loss_fn: Any  # (params, batch) -> loss
+    batches: Any  # (seed, start, n) -> stacked numpy batches
+    eval_batches: Any  # stacked held-out batches (numpy)
+    steps: int
+    eval_every: int
+    lrs: tuple[float, ...]
+    n_params: int
+    describe: str
+
+
+def digits_workload(steps: int, eval_every: int, lrs: tuple[float, ...]) -> Workload:
+    split = tasks.digits(0)
+    sizes = (64, 256, 256, 10)
+
+    def batches(seed, start, n):
+        it = tasks.batches(split.x_train, split.y_train, 64, seed=seed, start=start)
+        xs, ys = zip(*(next(it) for _ in range(n)), strict=True)
+        return np.stack(xs), np.stack(ys)
+
+    init = functools.partial(tasks.mlp_init, sizes=sizes)
+    n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(init, jax.random.key(0))))
+    return Workload(
+        "digits_mlp",
+        init,
+        tasks.mlp_loss,
+        batches,
+        (split.x_test[None], split.y_test[None]),
+        steps,
+        eval_every,
+        lrs,
+        n,
+        f"scikit-learn digits, MLP {sizes}, batch 64, held-out 20% ({len(split.y_test)} images)",
+    )
+
+
+def bytes_workload(
+    cfg: tasks.GPTConfig,
+    batch_size: int,
+    text_bytes: int,
+    steps: int,
+    eval_every: int,
+    lrs: tuple[float, ...],
+    eval_n: int = 8,
+) -> Workload:
+    train, test = tasks.byte_split(tasks.stdlib_text(text_bytes))
+
+    def batches(seed, start, n):
+        it = tasks.token_batches(train, batch_size, cfg.seq_len, seed=seed, start=start)
+        return np.stack([next(it) for _ in range(n)])
+
+    held = tasks.token_batches(test, batch_size, cfg.seq_len, seed=12345)
+    init = functools.partial(tasks.gpt_init, cfg=cfg)
+    n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(init, jax.random.key(0))))
+    return Workload(
+        f"bytes_gpt_d{cfg.d_model}_l{cfg.n_layers}",
+        init,
+        functools.partial(tasks.gpt_loss, cfg=cfg),
+        batches,
+        np.stack([next(held) for _ in range(eval_n)]),
+        steps,
+        eval_every,
+        lrs,
+        n,
+        f"byte-level GPT on Python stdlib source ({text_bytes / 1e6:.0f} MB, last 10% held out), "
+        f"{cfg}, batch {batch_size}; held-out: {eval_n} fixed batches",
+    )
+
+
+def workloads(size: str, steps: int | None) -> list[Workload]:
+    if size == "cpu":
+        tiny = tasks.GPTConfig(seq_len=64, d_model=64, n_layers=2, n_heads=4)
+        return [
+            digits_workload(steps or 1000, 50, (1e-3, 3e-3, 1e-2)),
+            bytes_workload(tiny, 8, 1_000_000, steps or 300, 30, (1e-3, 3e-3, 1e-2)),
+        ]
+    if size == "gpu":
+        cfg = tasks.GPTConfig(
+            seq_len=256, d_model=512, n_layers=8, n_heads=8, compute_dtype="bfloat16"
+        )
+        return [bytes_workload(cfg, 64, 8_000_000, steps or 2000, 100, (1.5e-4, 3e-4, 6e-4, 1.2e-3))]
+    raise SystemExit(f"unknown size {size!r}")
+
+
+def hybrid_config(predictor: str, steps: int) -> hj.HybridConfig:
+    """The hybrid's settings for every workload (chosen on the CPU digits workload)."""
+    return hj.HybridConfig(
+        warmup_steps=max(steps // 20, 10),
+        full_steps=10,
+        correct_steps=2,
+        max_consecutive_predicts=10,
+        min_horizon=1,
+        max_horizon=6,
+        predictor=predictor,
+    )
+
+
+def lr_at(t: jax.Array, hyper: jax.Array) -> jax.Array:
+    """Linear warmup then cosine decay to 10%; ``hyper = [peak, warmup, total]``."""
+    peak, warm, total = hyper[0], hyper[1], hyper[2]
+    t = t.astype(jnp.float32)
+    frac = jnp.clip((t - warm) / jnp.maximum(total - warm, 1.0), 0.0, 1.0)
+    decay = 0.1 + 0.9 * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return peak * jnp.where(t < warm, (t + 1.0) / warm, decay)
+
+
+def adamw() -> optax.GradientTransformation:
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=1e-4)
+
+
+def with_lr(opt_state: Any, lr: jax.Array) -> Any:
+    return optax.tree_utils.tree_set(opt_state, learning_rate=lr)
+
+
+class Arm(NamedTuple):
+    name: str
+    kind: str  # adamw | hybrid | lookahead
+    tx: Any
+    lr: float
+    steps: int
+    chunk: int
+
+
+def make_chunk(arm: Arm, loss_fn):
+    """A jitted ``(params, state, batches, t0, hyper) -> (params, state)`` over a chunk."""
+    tx = arm.tx
+
+    def body(carry, batch):
+        params, state, t, hyper = carry
+        lr = lr_at(t, hyper)
+        if arm.kind == "hybrid":
+            state = state._replace(inner=with_lr(state.inner, lr))
+            params, state, _ = hj.hybrid_step(loss_fn, tx, params, state, batch)
+        elif arm.kind == "lookahead":
+            grads = jax.grad(loss_fn)(params.fast, batch)
+            updates, state = tx.update(grads, with_lr(state, lr), params)
+            params = optax.apply_updates(params, updates)
+        else:
+            grads = jax.grad(loss_fn)(params, batch)
+            updates, state = tx.update(grads, with_lr(state, lr), params)
+            params = optax.apply_updates(params, updates)
+        return (params, state, t + 1, hyper), None
+
+    def chunk(params, state, batches, t0, hyper):
+        (params, state, _, _), _ = jax.lax.scan(body, (params, state, t0, hyper), batches)
+        return params, state
+
+    return jax.jit(chunk, donate_argnums=(0, 1))
+
+
+def init_arm(arm: Arm, params: Any) -> tuple[Any, Any]:
+    params = jax.tree.map(jnp.copy, params)
+    if arm.kind == "lookahead":
+        params = optax.LookaheadParams(params, jax.tree.map(jnp.copy, params))
+    state = jax.jit(arm.tx.init)(params)
+    return params, state
+
+
+def eval_params(arm: Arm, params: Any) -> Any:
+    return params.slow if arm.kind == "lookahead" else params
+
+
+def counters(arm: Arm, state: Any, steps: int) -> dict[str, int]:
+    if arm.kind != "hybrid":
+        return dict(
+            backward=steps, forward=steps, predicted=0, phases=0, rollbacks=0, batches=steps
+        )
+    c = jax.device_get(state.counters)
+    return dict(
+        backward=int(c.backward_passes),
+        forward=int(c.forward_passes),
+        predicted=int(c.predicted_steps),
+        phases=int(c.predict_phases),
+        rollbacks=int(c.rollbacks),
+        batches=int(c.backward_passes),  # a predicted step reads no batch
+    )
+
+
+def memory(compiled) -> dict[str, int | None]:
+    """Compiled step's memory plan; the device's peak so far (process-wide; GPU only)."""
+    out: dict[str, int | None] = {}
+    try:
+        m = compiled.memory_analysis()
+        out["compiled_bytes"] = int(
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+        )
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        out["compiled_bytes"] = None
+    stats = jax.devices()[0].memory_stats()
+    out["device_peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats else None
+    return out
+
+
+def run_arm(
+    wl: Workload, arm: Arm, seed: int, evaluate, log, cache: dict
+) -> tuple[dict, Any, Any, Any]:
+    """Trains one arm with one seed; returns its record, compiled chunk, params and state.
+
+    The chunk is compiled once per arm (``cache``: name -> (compiled, seconds)); every
+    seed of the arm reuses it.
+    """
+    params, state = init_arm(arm, wl.init(jax.random.key(seed)))
+    hyper = jnp.asarray([arm.lr, max(round(arm.steps * 0.05), 1), arm.steps], jnp.float32)
+    stage = lambda start: jax.device_put(wl.batches(seed, start, arm.chunk))
+    first = stage(0)
+    if arm.name not in cache:
+        t0 = time.perf_counter()
+        chunk = make_chunk(arm, wl.loss_fn)
+        cache[arm.name] = chunk.lower(params, state, first, jnp.int32(0), hyper).compile()
+        cache[arm.name, "s"] = time.perf_counter() - t0
+    compiled, compile_s = cache[arm.name], cache[arm.name, "s"]
+    curve = [dict(step=0, wall=0.0, loss=evaluate(eval_params(arm, params)), **counters(arm, state, 0))]
+    wall = 0.0
+    for start in range(0, arm.steps, arm.chunk):
+        batch = first if start == 0 else stage(start)
+        jax.block_until_ready(batch)
+        t0 = time.perf_counter()
+        params, state = compiled(params, state, batch, jnp.int32(start), hyper)
+        jax.block_until_ready((params, state))
+        wall += time.perf_counter() - t0
+        done = start + arm.chunk
+        loss = evaluate(eval_params(arm, params))
+        curve.append(dict(step=done, wall=wall, loss=loss, **counters(arm, state, done)))
+    rec = dict(
+        workload=wl.name,
+        arm=arm.name,
+        kind=arm.kind,
+        seed=seed,
+        lr=arm.lr,
+        steps=arm.steps,
+        chunk=arm.chunk,
+        compile_s=compile_s,
+        final_loss=curve[-1]["loss"],
+        wall=wall,
+        curve=curve,
+        **memory(compiled),
+    )
+    log(
+        f"  {arm.name:22s} seed {seed}: held-out {rec['final_loss']:.4f}  "
+        f"train {wall:7.2f} s  compile {compile_s:5.1f} s  "
+        f"backward {curve[-1]['backward']}/{arm.steps}  rollbacks {curve[-1]['rollbacks']}"
+    )
+    return rec, compiled, params, state
+
+
+def forced(state: hj.HybridState, phase: int) -> hj.HybridState:
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    return state._replace(phase=i32(phase), phase_step=i32(1), phase_budget=i32(2**30))
+
+
+def step_costs(wl: Workload, arm: Arm, compiled, params, state, repeats: int = 5) -> dict:
+    """Seconds per step of the compiled chunk with the phase pinned to Full / to Predict."""
+    batch = jax.device_put(wl.batches(0, 0, arm.chunk))
+    hyper = jnp.asarray([arm.lr, 1.0, arm.steps], jnp.float32)
+    out = {}
+    for phase, label in ((hj.FULL, "real_step_s"), (hj.PREDICT, "predicted_step_s")):
+        state = forced(state, phase)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            params, state = compiled(params, state, batch, jnp.int32(arm.steps), hyper)
+            jax.block_until_ready((params, state))
+            times.append(time.perf_counter() - t0)
+        out[label] = float(np.median(times[1:])) / arm.chunk
+    return out
+
+
+def run_workload(wl: Workload, args, log) -> list[dict]:
+    """Every arm with every seed; returns the records (also appended to runs.jsonl)."""
+    seeds = list(range(args.seeds))
+    records: list[dict] = []
+    out = Path(args.out)
+    held = jax.device_put(wl.eval_batches)
+
+    @jax.jit
+    def _eval(params, held):
+        return jnp.mean(jax.lax.map(lambda b: wl.loss_fn(params, b), held))
+
+    evaluate = lambda p: float(_eval(p, held))
+
+    cache: dict = {}
+
+    def keep(rec):
+        rec["environment"] = args.env
+        records.append(rec)
+        with open(out / "runs.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def run(arm: Arm, seed: int) -> dict:
+        """A stored record of this arm and seed (``--resume``), or a fresh run."""
+        for r in args.done:
+            key = (r["workload"], r["arm"], r["seed"], r["lr"], r["steps"])
+            if key == (wl.name, arm.name, seed, arm.lr, arm.steps):
+                records.append(r)
+                return r
+        if args.deadline and time.perf_counter() - args.t0 > args.deadline:
+            raise Deadline
+        rec, compiled, params, state = run_arm(wl, arm, seed, evaluate, log, cache)
+        if arm.kind == "hybrid":
+            rec["hybrid_config"] = arm.tx.config.to_dict()
+            if seed == seeds[0]:
+                rec.update(step_costs(wl, arm, compiled, params, state))
+        keep(rec)
+        return rec
+
+    log(f"[{wl.name}] {wl.describe}; {wl.n_params:,} parameters, {wl.steps} steps")
+    sweep = {}
+    for lr in wl.lrs:
+        arm = Arm(f"adamw@{lr:g}", "adamw", adamw(), lr, wl.steps, wl.eval_every)
+        sweep[lr] = [run(arm, s) for s in seeds]
+    tuned = min(wl.lrs, key=lambda lr: np.median([r["final_loss"] for r in sweep[lr]]))
+    log(f"  tuned learning rate: {tuned:g}")
+    for pred in args.predictors:
+        cfg = hybrid_config(pred, wl.steps)
+        tx = hj.predictive(adamw(), cfg)
+        arm = Arm(f"hybrid:{pred}", "hybrid", tx, tuned, wl.steps, wl.eval_every)
+        for s in seeds:
+            run(arm, s)
+    # compute-matched AdamW: the wall-clock of the default hybrid, at AdamW's measured speed
+    ref = "last_update" if "last_update" in args.predictors else args.predictors[0]
+    hyb_wall = np.median([r["wall"] for r in records if r["arm"] == f"hybrid:{ref}"])
+    adam_wall = np.median([r["wall"] for r in sweep[tuned]])
+    n_evals = wl.steps // wl.eval_every
+    chunk = max(round(wl.steps * hyb_wall / adam_wall / n_evals), 1)
+    arm = Arm("matched", "adamw", adamw(), tuned, chunk * n_evals, chunk)
+    log(
+        f"  compute-matched AdamW: {arm.steps} steps "
+        f"(hybrid:{ref} {hyb_wall:.2f} s, AdamW {adam_wall:.2f} s)"
+    )
+    for s in seeds:
+        run(arm, s)
+    la = optax.lookahead(adamw(), sync_period=6, slow_step_size=0.5)
+    arm = Arm("lookahead", "lookahead", la, tuned, wl.steps, wl.eval_every)
+    for s in seeds:
+        run(arm, s)
+    return records
+
+
+# -- analysis ----------------------------------------------------------------------------
+
+
+def _at(curve: list[dict], key: str, x: float) -> float:
+    """Held-out loss of the last evaluation with ``curve[key] <= x`` (the state then)."""
+    best = curve[0]["loss"]
+    for p in curve:
+        if p[key] <= x + 1e-12:
+            best = p["loss"]
+    return best
+
+
+def _time_to(curve: list[dict], target: float) -> float:
+    """Wall-clock when the held-out loss first reaches ``target``, linearly interpolated."""
+    for a, b in zip(curve, curve[1:], strict=False):
+        if b["loss"] <= target:
+            if a["loss"] <= target:
+                return a["wall"]
+            w = (a["loss"] - target) / max(a["loss"] - b["loss"], 1e-12)
+            return a["wall"] + w * (b["wall"] - a["wall"])
+    return math.nan
+
+
+def _ms(xs: list[float]) -> dict:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return dict(median=math.nan, lo=math.nan, hi=math.nan, n=0)
+    return dict(median=float(np.median(xs)), lo=float(min(xs)), hi=float(max(xs)), n=len(xs))
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per workload: target, tuned arm, and per arm the figures of BENCHMARKS.md."""
+    out = {}
+    for wl in dict.fromkeys(r["workload"] for r in records):
+        rs = [r for r in records if r["workload"] == wl]
+        arms = list(dict.fromkeys(r["arm"] for r in rs))
+        sweep = [a for a in arms if a.startswith("adamw@")]
+        final = lambda a: np.median([r["final_loss"] for r in rs if r["arm"] == a])
+        tuned = min(sweep, key=final)
+        target = float(final(tuned))
+        t_wall = float(np.median([r["wall"] for r in rs if r["arm"] == tuned]))
+        t_batches = min(r["curve"][-1]["batches"] for r in rs)
+        base_ttt = _ms([_time_to(r["curve"], target) for r in rs if r["arm"] == tuned])["median"]
+        table = {}
+        for a in arms:
+            ar = [r for r in rs if r["arm"] == a]
+            last = [r["curve"][-1] for r in ar]
+            ttt = _ms([_time_to(r["curve"], target) for r in ar])
+            row = dict(
+                seeds=len(ar),
+                steps=ar[0]["steps"],
+                final_loss=_ms([r["final_loss"] for r in ar]),
+                wall=_ms([r["wall"] for r in ar]),
+                time_to_target=ttt,
+                speedup_vs_tuned=base_ttt / ttt["median"] if ttt["n"] else math.nan,
+                loss_at_tuned_wall=_ms([_at(r["curve"], "wall", t_wall) for r in ar]),
+                loss_at_equal_batches=_ms([_at(r["curve"], "batches", t_batches) for r in ar]),
+                backward=_ms([p["backward"] for p in last]),
+                forward=_ms([p["forward"] for p in last]),
+                batches=_ms([p["batches"] for p in last]),
+                predicted=_ms([p["predicted"] for p in last]),
+                rollbacks=_ms([p["rollbacks"] for p in last]),
+                phases=_ms([p.get("phases", math.nan) for p in last]),
+                skipped_share=_ms([1 - p["backward"] / r["steps"] for p, r in zip(last, ar, strict=True)]),
+                compile_s=_ms([r["compile_s"] for r in ar]),
+                compiled_bytes=ar[0].get("compiled_bytes"),
+                device_peak_bytes=max((r.get("device_peak_bytes") or 0) for r in ar) or None,
+                ms_per_step=_ms([1e3 * r["wall"] / r["steps"] for r in ar]),
+            )
+            for k in ("real_step_s", "predicted_step_s"):
+                vals = [r[k] for r in ar if k in r]
+                if vals:
+                    row[k] = vals[0]
+            table[a] = row
+        out[wl] = dict(
+            tuned=tuned,
+            target=target,
+            tuned_wall=t_wall,
+            equal_batches=t_batches,
+            arms=table,
+        )
+    return out
+
+
+def _fmt(d: dict, digits: int = 4) -> str:
+    if not d["n"]:
+        return "not reached"
+    f = f"{{:.{digits}g}}"
+    s = f.format(d["median"]) + f" [{f.format(d['lo'])}, {f.format(d['hi'])}]"
+    return s if d["n"] == 3 or d["n"] == 0 else s + f" ({d['n']} seeds)"
+
+
+def _num(x: float, spec: str) -> str:
+    return "-" if math.isnan(x) else format(x, spec)
+
+
+def markdown(summary: dict, env: dict) -> str:
+    lines = []
+    for wl, s in summary.items():
+        tuned_ms = s["arms"][s["tuned"]]["ms_per_step"]["median"]
+        lines += [
+            f"### {wl}",
+            "",
+            f"Tuned AdamW: `{s['tuned']}`; target (its median final held-out loss): "
+            f"{s['target']:.4f}; its median training wall-clock {s['tuned_wall']:.2f} s. "
+            f"Equal batches: {s['equal_batches']}. Medians over seeds, [min, max].",
+            "",
+            "| arm | final held-out | time to target (s) | speedup | held-out at tuned wall-clock "
+            "| held-out at equal batches | train wall (s) | backward | forward | predicted "
+            "| rollbacks | skipped | compile (s) | compiled MB | peak MB |",
+            "|" + "---|" * 15,
+        ]
+        for a, r in s["arms"].items():
+            peak = r["device_peak_bytes"]
+            lines.append(
+                f"| {a} | {_fmt(r['final_loss'])} | {_fmt(r['time_to_target'], 3)} "
+                f"| {_num(r['speedup_vs_tuned'], '.2f')} | {_fmt(r['loss_at_tuned_wall'])} "
+                f"| {_fmt(r['loss_at_equal_batches'])} | {_fmt(r['wall'], 3)} "
+                f"| {r['backward']['median']:.0f} | {r['forward']['median']:.0f} "
+                f"| {r['predicted']['median']:.0f} | {r['rollbacks']['median']:.0f} "
+                f"| {r['skipped_share']['median']:.1%} | {r['compile_s']['median']:.1f} "
+                f"| {(r['compiled_bytes'] or 0) / 2**20:.1f} "
+                f"| {'-' if peak is None else f'{peak / 2**20:.0f}'} |"
+            )
+        lines += [
+            "",
+            "| hybrid arm | real step (ms) | predicted step (ms) | predicted / real "
+            "| real / AdamW step | Predict phases | rolled back | wall if real steps cost "
+            "AdamW's (s) | measured wall (s) |",
+            "|" + "---|" * 9,
+        ]
+        for a, r in s["arms"].items():
+            if "real_step_s" in r:
+                real, pred = 1e3 * r["real_step_s"], 1e3 * r["predicted_step_s"]
+                phases, rb = r["phases"]["median"], r["rollbacks"]["median"]
+                ideal = (r["backward"]["median"] * tuned_ms + r["predicted"]["median"] * pred) / 1e3
+                lines.append(
+                    f"| {a} | {real:.3f} | {pred:.3f} | {pred / real:.3f} "
+                    f"| {real / tuned_ms:.3f} | {_num(phases, '.0f')} | {_num(rb / max(phases, 1), '.0%')} "
+                    f"| {ideal:.3g} | {r['wall']['median']:.3g} |"
+                )
+        lines.append(f"AdamW step (fused run, tuned arm): {tuned_ms:.3f} ms.")
+        lines.append("")
+    lines.append(f"Environment: `{json.dumps(env)}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    wls = list(dict.fromkeys(r["workload"] for r in records))
+    fig, axes = plt.subplots(len(wls), 2, figsize=(12, 4.2 * len(wls)), squeeze=False)
+    for row, wl in zip(axes, wls, strict=True):
+        rs = [r for r in records if r["workload"] == wl]
+        for a in dict.fromkeys(r["arm"] for r in rs):
+            ar = [r for r in rs if r["arm"] == a]
+            n = min(len(r["curve"]) for r in ar)
+            med = lambda k: np.median([[p[k] for p in r["curve"][:n]] for r in ar], axis=0)
+            style = "-" if a.startswith(("hybrid", "matched", "lookahead")) else ":"
+            for ax, key in zip(row, ("wall", "batches"), strict=True):
+                ax.plot(med(key), med("loss"), style, label=a)
+        for ax, xl in zip(row, ("training wall-clock (s)", "batches consumed"), strict=True):
+            ax.set_xlabel(xl)
+            ax.set_ylabel("held-out loss (median over seeds)")
+            ax.set_yscale("log")
+            ax.set_title(wl)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def report(records: list[dict], out: Path, env: dict) -> None:
+    summary = summarize(records)
+    (out / "summary.json").write_text(json.dumps(dict(summary=summary, environment=env), indent=1))
+    md = markdown(summary, env)
+    (out / "summary.md").write_text(md)
+    print(md)
+    plot(records, out / "curves.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=0, help="override every workload's steps")
+    ap.add_argument("--predictors", default=",".join(PREDICTORS))
+    ap.add_argument("--workloads", default="", help="comma list of names to keep (prefixes)")
+    ap.add_argument("--out", default="runs/end_to_end")
+    ap.add_argument("--summarize", default="", help="only summarise this runs.jsonl")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep OUT/runs.jsonl and skip the runs it holds"
+    )
+    ap.add_argument(
+        "--deadline", type=float, default=0, help="seconds after which no new run starts (exit 3)"
+    )
+    args = ap.parse_args()
+    args.predictors = tuple(args.predictors.split(","))
+    for p in args.predictors:
+        if p not in PREDICTORS:
+            raise SystemExit(f"unknown predictor {p!r}; expected one of {PREDICTORS}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        recs = [json.loads(x) for x in Path(args.summarize).read_text().splitlines() if x]
+        env = recs[0].get("environment", {}) if recs else {}
+        report(recs, out, env)
+        return
+    runs = out / "runs.jsonl"
+    args.done = []
+    if args.resume and runs.exists():
+        args.done = [json.loads(x) for x in runs.read_text().splitlines() if x]
+    else:
+        runs.unlink(missing_ok=True)
+    env = args.env = environment()
+    t0 = args.t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+    log(json.dumps(env))
+    records = []
+    try:
+        for wl in workloads(args.size, args.steps or None):
+            if args.workloads and not wl.name.startswith(tuple(args.workloads.split(","))):
+                continue
+            records += run_workload(wl, args, log)
+    except Deadline:
+        log(f"deadline: stopped; run again with --resume to go on ({runs})")
+        sys.exit(3)
+    runs.write_text("".join(json.dumps(r) + "\n" for r in records))  # the runs used, only
+    report(records, out, env)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
