@@ -4,6 +4,11 @@
     python benchmarks/end_to_end.py --size gpu --out DIR                          # one GPU
     python benchmarks/end_to_end.py --summarize DIR/runs.jsonl --out DIR          # tables + plots again
 
+``--deadline S`` stops before a run would start after S seconds (exit 3) and ``--resume``
+goes on from ``OUT/runs.jsonl`` (a run is reused when its workload, arm, seed, learning
+rate, steps and hybrid settings match); ``--lrs`` replaces the sweep, ``--hybrid JSON``
+changes the hybrid's settings, ``--predictors`` and ``--workloads`` select arms.
+
 The arms of ``BENCHMARKS.md``, in one process, with the same seeds and the same data order
 (batch ``i`` of seed ``s`` is the same array for every arm):
 
@@ -140,9 +145,10 @@ def workloads(size: str, steps: int | None) -> list[Workload]:
     raise SystemExit(f"unknown size {size!r}")
 
 
-def hybrid_config(predictor: str, steps: int) -> hj.HybridConfig:
-    """The hybrid's settings for every workload (chosen on the CPU digits workload)."""
-    return hj.HybridConfig(
+def hybrid_config(predictor: str, steps: int, overrides: dict | None = None) -> hj.HybridConfig:
+    """The hybrid's settings for every workload (chosen on the CPU digits workload);
+    ``overrides`` (``--hybrid``) replaces any of them."""
+    fields = dict(
         warmup_steps=max(steps // 20, 10),
         full_steps=10,
         correct_steps=2,
@@ -151,6 +157,7 @@ def hybrid_config(predictor: str, steps: int) -> hj.HybridConfig:
         max_horizon=6,
         predictor=predictor,
     )
+    return hj.HybridConfig.from_dict({**fields, **(overrides or {})})
 
 
 def lr_at(t: jax.Array, hyper: jax.Array) -> jax.Array:
@@ -349,9 +356,10 @@ def run_workload(wl: Workload, args, log) -> list[dict]:
 
     def run(arm: Arm, seed: int) -> dict:
         """A stored record of this arm and seed (``--resume``), or a fresh run."""
+        cfg = json.loads(json.dumps(arm.tx.config.to_dict())) if arm.kind == "hybrid" else None
         for r in args.done:
-            key = (r["workload"], r["arm"], r["seed"], r["lr"], r["steps"])
-            if key == (wl.name, arm.name, seed, arm.lr, arm.steps):
+            key = (r["workload"], r["arm"], r["seed"], r["lr"], r["steps"], r.get("hybrid_config"))
+            if key == (wl.name, arm.name, seed, arm.lr, arm.steps, cfg):
                 records.append(r)
                 return r
         if args.deadline and time.perf_counter() - args.t0 > args.deadline:
@@ -372,7 +380,7 @@ def run_workload(wl: Workload, args, log) -> list[dict]:
     tuned = min(wl.lrs, key=lambda lr: np.median([r["final_loss"] for r in sweep[lr]]))
     log(f"  tuned learning rate: {tuned:g}")
     for pred in args.predictors:
-        cfg = hybrid_config(pred, wl.steps)
+        cfg = hybrid_config(pred, wl.steps, args.hybrid)
         tx = hj.predictive(adamw(), cfg)
         arm = Arm(f"hybrid:{pred}", "hybrid", tx, tuned, wl.steps, wl.eval_every)
         for s in seeds:
@@ -594,6 +602,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="override every workload's steps")
     ap.add_argument("--predictors", default=",".join(PREDICTORS))
     ap.add_argument("--workloads", default="", help="comma list of names to keep (prefixes)")
+    ap.add_argument("--lrs", default="", help="comma list: replaces every workload's sweep")
+    ap.add_argument(
+        "--hybrid", default="{}", help='JSON of HybridConfig fields for the hybrid arms, e.g. \'{"max_horizon": 2}\''
+    )
     ap.add_argument("--out", default="runs/end_to_end")
     ap.add_argument("--summarize", default="", help="only summarise this runs.jsonl")
     ap.add_argument(
@@ -604,6 +616,13 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.predictors = tuple(args.predictors.split(","))
+    try:
+        args.hybrid = json.loads(args.hybrid)
+        if not isinstance(args.hybrid, dict):
+            raise ValueError("not a JSON object")
+        hybrid_config(args.predictors[0], 1000, args.hybrid)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--hybrid: {e}") from e
     for p in args.predictors:
         if p not in PREDICTORS:
             raise SystemExit(f"unknown predictor {p!r}; expected one of {PREDICTORS}")
@@ -627,6 +646,8 @@ def main() -> None:
     records = []
     try:
         for wl in workloads(args.size, args.steps or None):
+            if args.lrs:
+                wl = wl._replace(lrs=tuple(float(x) for x in args.lrs.split(",")))
             if args.workloads and not wl.name.startswith(tuple(args.workloads.split(","))):
                 continue
             records += run_workload(wl, args, log)
