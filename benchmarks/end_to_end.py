@@ -317,19 +317,27 @@ def forced(state: hj.HybridState, phase: int) -> hj.HybridState:
 
 
 def step_costs(wl: Workload, arm: Arm, compiled, params, state, repeats: int = 5) -> dict:
-    """Seconds per step of the compiled chunk with the phase pinned to Full / to Predict."""
+    """Seconds per step of the compiled chunk with the phase pinned to Full / to Predict.
+
+    The phase is pinned again before every timed chunk; ``*_pinned`` is the share of the
+    timed steps that ran in the pinned branch (a monitor verdict can end a pinned phase).
+    """
     batch = jax.device_put(wl.batches(0, 0, arm.chunk))
     hyper = jnp.asarray([arm.lr, 1.0, arm.steps], jnp.float32)
     out = {}
     for phase, label in ((hj.FULL, "real_step_s"), (hj.PREDICT, "predicted_step_s")):
-        state = forced(state, phase)
-        times = []
+        times, pinned = [], []
         for _ in range(repeats + 1):
+            state = forced(state, phase)
+            before = int(state.counters.backward_passes)
             t0 = time.perf_counter()
             params, state = compiled(params, state, batch, jnp.int32(arm.steps), hyper)
             jax.block_until_ready((params, state))
             times.append(time.perf_counter() - t0)
+            real = (int(state.counters.backward_passes) - before) / arm.chunk
+            pinned.append(real if phase == hj.FULL else 1.0 - real)
         out[label] = float(np.median(times[1:])) / arm.chunk
+        out[label.removesuffix("_s") + "_pinned"] = float(np.mean(pinned[1:]))
     return out
 
 
