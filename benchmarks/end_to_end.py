@@ -48,6 +48,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import environment
+from step_cost import forced
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
@@ -309,11 +310,6 @@ def run_arm(
         f"backward {curve[-1]['backward']}/{arm.steps}  rollbacks {curve[-1]['rollbacks']}"
     )
     return rec, compiled, params, state
-
-
-def forced(state: hj.HybridState, phase: int) -> hj.HybridState:
-    i32 = lambda x: jnp.asarray(x, jnp.int32)
-    return state._replace(phase=i32(phase), phase_step=i32(1), phase_budget=i32(2**30))
 
 
 def step_costs(wl: Workload, arm: Arm, compiled, params, state, repeats: int = 5) -> dict:
