@@ -1,20 +1,25 @@
-"""What a ``lax.cond`` around a whole AdamW step costs on its own (GPT-2-small shapes, GPU).
+"""What a ``lax.cond`` around a whole AdamW step costs on its own (GPU).
 
-    python benchmarks/cond_overhead.py
+    python benchmarks/cond_overhead.py [gpt2|lm25|lm|mlp] [--attention xla] [--hlo]
 
 Times the plain AdamW step and the same step inside ``jax.lax.cond`` whose other branch
 passes everything through (the predicate is always true), both jitted with donation.
 The difference is a floor under the hybrid's real-step overhead that no bookkeeping
-change can remove.
+change can remove. ``--hlo`` also counts the kernels and copies of both optimised
+programs, to tell extra work from the cost of the conditional itself.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,8 +27,28 @@ import step_cost
 from _timing import environment, median_time, timed_compile
 
 
+def hlo_counts(compiled) -> dict[str, int]:
+    """Kernels by fusion kind, custom calls, and copies (with elements) in optimised HLO."""
+    text = compiled.as_text()
+    out = dict(Counter(re.findall(r"fusion\([^)]*\), kind=(k\w+)", text)))
+    out["custom-call"] = len(re.findall(r" custom-call\(", text))
+    sizes = [
+        int(np.prod([int(d) for d in m.split(",") if d]))
+        for m in re.findall(r"= \w+\[([0-9,]*)\]\S* copy(?:-start)?\(", text)
+    ]
+    out["copies"], out["copied_elements"] = len(sizes), int(sum(sizes))
+    return out
+
+
 def main() -> None:
-    params0, loss_fn, batch = step_cost.build(sys.argv[1] if len(sys.argv) > 1 else "gpt2")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("model", nargs="?", default="gpt2", choices=["mlp", "lm", "lm25", "gpt2"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    ap.add_argument("--hlo", action="store_true", help="count kernels and copies")
+    args = ap.parse_args()
+    params0, loss_fn, batch = step_cost.build(args.model, attention=args.attention)
     n = 20
     inner = optax.adamw(3e-4)
 
@@ -44,6 +69,8 @@ def main() -> None:
     for name, f in [("adamw", adamw_step), ("adamw inside lax.cond", cond_step)]:
         p = jax.tree.map(jnp.copy, params0)
         c, _ = timed_compile(jax.jit(f, donate_argnums=(0, 1)), p, inner.init(p), batch)
+        if args.hlo:
+            print(f"{name:24s} optimised HLO: {hlo_counts(c)}", flush=True)
         box = [(p, inner.init(p))]
 
         def run(c=c, box=box):

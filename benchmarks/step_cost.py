@@ -33,7 +33,8 @@ import hybrid_jax as hj
 from hybrid_jax import tasks
 
 
-def build(model: str, seed: int = 0):
+def build(model: str, seed: int = 0, attention: str = "auto"):
+    """``(params, loss_fn, batch)`` of a model; ``attention`` as in ``tasks.GPTConfig``."""
     key = jax.random.key(seed)
     if model == "mlp":
         split = tasks.digits(seed)
@@ -53,6 +54,7 @@ def build(model: str, seed: int = 0):
         cfg, bs = tasks.GPT2_SMALL, 8
     else:
         raise SystemExit(f"unknown model {model!r}")
+    cfg = cfg._replace(attention=attention)
     tokens = jnp.asarray(next(tasks.token_batches(train, bs, cfg.seq_len, seed)))
     return tasks.gpt_init(key, cfg), functools.partial(tasks.gpt_loss, cfg=cfg), tokens
 
