@@ -129,15 +129,22 @@ def _env(devices: int) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def mesh_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "mesh", str(out)],
-        env=_env(8),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    print(proc.stdout)
+    # XLA's in-process CPU collectives can stall when 8 host devices share 2 cores (the
+    # all-reduce rendezvous times out, the process aborts); that is the host platform
+    # running out of threads, not a result, so such a run is repeated (at most twice).
+    for _attempt in range(3):
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), "mesh", str(out)],
+            env=_env(8),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        print(proc.stdout)
+        if proc.returncode == 0 or "rendezvous" not in proc.stderr.lower():
+            break
+        print(f"worker stalled in a collective rendezvous ({proc.returncode}); running it again")
     if proc.returncode != 0:
         pytest.fail(f"worker failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
     report = json.loads((out / "mesh.json").read_text())
