@@ -52,3 +52,74 @@ def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def device_timeline(run: Callable[[], Any], logdir: str, top: int = 5) -> dict[str, Any]:
+    """Profiles one ``run()`` (already compiled and warm) and summarises the device side.
+
+    Returns the span from the first device activity to the last, the time the device
+    was busy (union of its kernels and copies), the number of device events, and the
+    idle gaps between them (count and total of those over 10 us, and the ``top``
+    largest with the events around them). ``None`` when the trace has no device plane
+    (e.g. on the CPU).
+    """
+    import glob
+    import shutil
+
+    from jax.profiler import ProfileData
+
+    shutil.rmtree(logdir, ignore_errors=True)
+    jax.block_until_ready(run())
+    with jax.profiler.trace(logdir):
+        jax.block_until_ready(run())
+    files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        return None
+    data = ProfileData.from_file(files[0])
+    events = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            events += [(e.start_ns, e.end_ns, e.name) for e in line.events]
+    if not events:
+        return None
+    events.sort()
+    busy, gaps, end, prev = 0.0, [], events[0][0], events[0][2]
+    by_name: dict[str, float] = {}
+    for s, e, name in events:
+        by_name[name] = by_name.get(name, 0.0) + (e - s) / 1e6
+        if s > end:
+            gaps.append((s - end, prev, name))
+        busy += max(0.0, e - max(s, end))
+        if e > end:
+            end, prev = e, name
+    big = [g for g in gaps if g[0] > 1e4]
+    big.sort(reverse=True)
+    return {
+        "span_ms": (end - events[0][0]) / 1e6,
+        "busy_ms": busy / 1e6,
+        "device_events": len(events),
+        "gaps_over_10us": len(big),
+        "gap_ms_over_10us": sum(g[0] for g in big) / 1e6,
+        "largest_gaps": [
+            {"us": round(g / 1e3, 1), "after": a[:60], "before": b[:60]} for g, a, b in big[:top]
+        ],
+        "ms_by_name": by_name,
+    }
+
+
+def timeline_diff(a: dict[str, Any], b: dict[str, Any], top: int = 12) -> list[tuple[str, float]]:
+    """Device event names whose total time grows most from timeline ``a`` to ``b`` (ms)."""
+    names = set(a["ms_by_name"]) | set(b["ms_by_name"])
+    d = {n: b["ms_by_name"].get(n, 0.0) - a["ms_by_name"].get(n, 0.0) for n in names}
+    return sorted(d.items(), key=lambda kv: -abs(kv[1]))[:top]
+
+
+def show_timeline(label: str, t: dict[str, Any] | None) -> None:
+    """Prints a ``device_timeline`` summary without its per-name table."""
+    if t is not None:
+        t = {k: v for k, v in t.items() if k != "ms_by_name"}
+    print(f"  {label}: {t}", flush=True)

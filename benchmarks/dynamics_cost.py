@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import environment, median_time
+from _timing import device_timeline, environment, median_time, show_timeline
 
 from hybrid_jax import _bandit, _encoder, _rssm
 from hybrid_jax._predictors import Observation, PredictorSpec
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--real-step-ms", type=float, default=0.0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile", default="", help="trace the rollouts here (device gaps)")
     args = ap.parse_args()
     g, b = args.groups, args.basis
     base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
@@ -62,7 +63,13 @@ def main() -> None:
             outs = jax.vmap(lambda p, h, z: _rssm._member_rollout(p, gd, full, h, z))(params, h, z)
             return _rssm.rollout_summary(outs, full)
 
-        return median_time(lambda: roll(state.params, h, z), args.repeats)[0]
+        def run():
+            return roll(state.params, h, z)
+
+        seconds = median_time(run, args.repeats)[0]
+        if args.profile:
+            show_timeline(f"H={horizon}", device_timeline(run, f"{args.profile}/h{horizon}"))
+        return seconds
 
     for horizon in (1, 5, 15, 25, 50, 75):
         record(f"rollout per horizon step (H={horizon})", rollout_seconds(horizon), horizon)

@@ -8,8 +8,9 @@
 Every mode is one jitted step with its inputs donated, timed over a loop of steps after
 compiling and warming up; the figure is the median over repeats. The hybrid's phase is
 forced (a Full phase or a Predict phase with a huge budget) so that one compiled step
-is timed in each branch. ``--fused`` also times ``lax.scan`` loops of steps, which take
-Python dispatch out of the figures for small models.
+is timed in each branch (``--variants dispatched``: each of the programs of
+``hj.make_dispatched_step``, chosen on the host). ``--fused`` also times ``lax.scan``
+loops of steps, which take Python dispatch out of the figures for small models.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import functools
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -27,7 +29,14 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import environment, median_time, timed_compile
+from _timing import (
+    device_timeline,
+    environment,
+    median_time,
+    show_timeline,
+    timed_compile,
+    timeline_diff,
+)
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
@@ -128,10 +137,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--basis-dtype", default="float32")
     ap.add_argument("--predictor", default="last_update", help="last_update, extrapolate, rssm")
-    ap.add_argument("--variants", default="cond", help="comma list: cond,delta_cond,while")
+    ap.add_argument(
+        "--variants", default="cond", help="comma list: cond,delta_cond,while,dispatched"
+    )
     ap.add_argument("--skip-baselines", action="store_true", help="only the hybrid variants")
     ap.add_argument("--fused", action="store_true", help="also time lax.scan loops")
     ap.add_argument("--out", default="", help="append JSON lines here")
+    ap.add_argument("--profile", default="", help="trace a loop of each mode here")
     ap.add_argument("--dump-hlo", default="", help="write each hybrid variant's optimised HLO here")
     args = ap.parse_args()
     n = args.steps or {"mlp": 200, "lm": 50, "lm25": 20, "gpt2": 20}[args.model]
@@ -168,8 +180,11 @@ def main() -> None:
             flush=True,
         )
 
-    def time_loop(compiled, carry, batches):
-        """Median seconds per step of ``carry = compiled(*carry, batch)`` loops; final carry."""
+    timelines = {}
+
+    def time_loop(compiled, carry, batches, label=""):
+        """Median seconds per step of ``carry = compiled(*carry, batch)`` loops; final carry.
+        With ``--profile`` and a ``label``, one more loop is traced."""
         box = [carry]
 
         def run():
@@ -180,6 +195,10 @@ def main() -> None:
             return c
 
         t, s = median_time(run, args.repeats)
+        if args.profile and label:
+            slug = re.sub(r"\W+", "_", label)
+            timelines[label] = device_timeline(run, f"{args.profile}/{slug}")
+            show_timeline(f"device timeline of {label}", timelines[label])
         return t / len(batches), s / len(batches), box[0]
 
     batches = [batch] * n
@@ -195,7 +214,7 @@ def main() -> None:
         compiled, cs = timed_compile(
             jax.jit(adamw_step, donate_argnums=(0, 1)), p, inner.init(p), batch
         )
-        t, s, _ = time_loop(compiled, (p, inner.init(p)), batches)
+        t, s, _ = time_loop(compiled, (p, inner.init(p)), batches, "adamw")
         record("adamw", t, s, cs, big_copies(compiled))
 
         # forward only
@@ -222,19 +241,31 @@ def main() -> None:
         "cond": lambda: hj.make_hybrid_step(loss_fn, tx),
         "delta_cond": lambda: delta_cond_step(loss_fn, tx),
         "while": lambda: while_step(loss_fn, tx),
+        "dispatched": lambda: hj.make_dispatched_step(loss_fn, tx),
     }
     for variant in args.variants.split(","):
         p = fresh()
         state = tx.init(p)
-        compiled, cs = timed_compile(makers[variant](), p, state, batch)
-        copies = big_copies(compiled)
-        if args.dump_hlo:
+        if variant == "dispatched":  # four programs, compiled on first use of each
+            compiled, copies = makers[variant](), None
+            t0 = time.perf_counter()
+            p, state, _ = compiled(p, state, batch)
+            cs = time.perf_counter() - t0
+        else:
+            compiled, cs = timed_compile(makers[variant](), p, state, batch)
+            copies = big_copies(compiled)
+        if args.dump_hlo and copies is not None:
             Path(args.dump_hlo, f"{args.model}_{variant}.hlo.txt").write_text(compiled.as_text())
         for _ in range(3):  # fill the basis with real updates
             p, state, _ = compiled(p, state, batch)
         for phase, label in [(hj.FULL, "real"), (hj.PREDICT, "predicted")]:
-            t, s, (p, state) = time_loop(compiled, (p, forced(state, phase)), batches)
-            record(f"hybrid[{variant}] {label}", t, s, cs, copies)
+            mode = f"hybrid[{variant}] {label}"
+            t, s, (p, state) = time_loop(compiled, (p, forced(state, phase)), batches, mode)
+            record(mode, t, s, cs, copies)
+        if timelines.get("adamw") and f"hybrid[{variant}] real" in timelines:
+            print(f"device time that hybrid[{variant}] real adds to adamw, by kernel (ms/loop):")
+            for k, v in timeline_diff(timelines["adamw"], timelines[f"hybrid[{variant}] real"], 25):
+                print(f"  {v:+9.3f}  {k}")
 
     if args.fused:
         stacked = jax.tree.map(lambda x: jnp.stack([x] * n), batch)

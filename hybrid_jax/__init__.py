@@ -17,6 +17,7 @@ from ._bandit import BanditState
 from ._basis import Basis
 from ._checkpoint import Checkpointer
 from ._config import HybridConfig
+from ._dispatch import DispatchedStep, make_dispatched_step
 from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
 from ._monitor import EVENT_NAMES, LEVEL_NAMES, MonitorSettings, MonitorState
@@ -60,6 +61,7 @@ __all__ = [
     "Checkpointer",
     "Corrector",
     "Counters",
+    "DispatchedStep",
     "HybridConfig",
     "HybridState",
     "MemoryMonitor",
@@ -83,6 +85,7 @@ __all__ = [
     "force_full",
     "hybrid_step",
     "last_update",
+    "make_dispatched_step",
     "make_hybrid_step",
     "make_sharded_hybrid_step",
     "make_train_step",

@@ -27,6 +27,8 @@ accuracy               float32  running realised cosine of the one-step predicti
 nonfinite_predictions  int32    predicted steps in which a non-finite value was held back
 rollbacks              int32    rollbacks so far
 skipped_updates        int32    real steps with a non-finite loss or gradient, not applied
+idle_steps             int32    steps that changed nothing: a predicted step chosen ahead by
+                                ``make_dispatched_step`` met a state that wanted a real one
 divergence_events      int32    monitor events so far (all kinds)
 horizon_scale          float32  the monitor's shrink factor of the horizon, in (0, 1]
 bandit_arm             int32    arm whose reward was learned at this step (-1: none)
@@ -60,6 +62,7 @@ METRIC_NAMES = (
     "nonfinite_predictions",
     "rollbacks",
     "skipped_updates",
+    "idle_steps",
     "divergence_events",
     "horizon_scale",
     "bandit_arm",
@@ -96,6 +99,7 @@ def metrics(state: HybridState) -> dict[str, jax.Array]:
         "nonfinite_predictions": c.nonfinite_predictions,
         "rollbacks": c.rollbacks,
         "skipped_updates": c.skipped_updates,
+        "idle_steps": c.idle_steps,
         "divergence_events": jnp.sum(state.monitor.events),
         "horizon_scale": state.horizon_scale,
         "bandit_arm": last.arm,

@@ -192,13 +192,13 @@ def _member_rollout(params, gd, s: RSSMSettings, h: jax.Array, z: jax.Array) -> 
 
     def body(carry, _):
         h, z = carry
-        out = m.head(jnp.concatenate([h, z]))
-        h, _ = m.gru(h, z)
-        z = _onehot_mode(_probs(m.prior(h), s))
-        return (h, z), out
+        h_next, _ = m.gru(h, z)
+        return (h_next, _onehot_mode(_probs(m.prior(h_next), s))), (h, z)
 
-    # unrolled (in blocks) so that XLA fuses across steps: fewer, larger kernels
-    return jax.lax.scan(body, (h, z), None, length=s.horizon, unroll=min(s.horizon, 16))[1]
+    # only the recurrence is sequential: the head reads every step's (h, z) at once after
+    # the loop; unrolled (in blocks) so that XLA fuses across steps
+    _, (hs, zs) = jax.lax.scan(body, (h, z), None, length=s.horizon, unroll=min(s.horizon, 16))
+    return m.head(jnp.concatenate([hs, zs], axis=-1))
 
 
 def rollout_summary(outs: jax.Array, s: RSSMSettings) -> tuple[jax.Array, jax.Array, jax.Array]:

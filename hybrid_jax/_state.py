@@ -42,6 +42,7 @@ class Counters(NamedTuple):
     verifications: jax.Array  # Predict phases checked against real losses
     rollbacks: jax.Array  # times the parameters went back to a snapshot
     skipped_updates: jax.Array  # real steps whose non-finite loss or gradient was not applied
+    idle_steps: jax.Array  # dispatched predicted steps that found a real step due: did nothing
 
 
 class StepInfo(NamedTuple):

@@ -92,6 +92,10 @@ def predictive(
       on the same batch) enables verification on the first real step after a Predict
       phase (``hybrid_step`` computes it). A rollback is returned as the update
       ``snapshot - params`` (exact up to rounding; ``hybrid_step`` restores exactly).
+      ``real_update`` also takes ``dispatched=True`` (used by ``make_dispatched_step``):
+      the snapshot is then written by the Predict phase's first step, a step without
+      ``snapshot_value`` neither verifies nor rolls back (the phase stays pending), and
+      a Predict phase starts on the previous real step's confidence.
 
     Example:
       >>> tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(warmup_steps=10))
@@ -218,6 +222,7 @@ def predictive(
         *,
         value: jax.Array | None = None,
         snapshot_value: jax.Array | None = None,
+        dispatched: bool = False,
         **extra_args: Any,
     ) -> tuple[PyTree, HybridState]:
         if params is None:
@@ -244,16 +249,23 @@ def predictive(
             state.monitor, monitor_settings, loss=loss, grad_norm=grad_norm, predicted_loss=one_step
         )
         rollback = state.snapshot_valid & ((verifying & ~accepted) | verdict.rollback)
+        # a dispatched step without the snapshot's loss leaves any rollback to the verify
+        # step that follows it, and so never reads the snapshot
+        can_roll_back = not (dispatched and snapshot_value is None)
+        if not can_roll_back:
+            rollback = jnp.asarray(False)
 
         # a rolled-back or non-finite step applies nothing and leaves the optimizer as it was
         drop = skip | rollback
         if value is not None:
             extra_args = {**extra_args, "value": value}
-        updates, inner_state = jax.lax.cond(
-            drop,
-            lambda: (jax.tree.map(jnp.zeros_like, params), state.inner),
-            lambda: inner.update(grads, state.inner, params, **extra_args),
-        )
+        # a select, not a cond: no branch copies, and it fuses into the optimizer's update
+        updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
+        updates = jax.tree.map(lambda u: jnp.where(drop, jnp.zeros_like(u), u), updates)
+        inner_state = choose(drop, state.inner, inner_state)
+        # computed once: otherwise XLA recomputes the optimizer's arithmetic (reading the
+        # gradient and both moments again) inside every fusion that reads the update
+        updates, inner_state = jax.lax.optimization_barrier((updates, inner_state))
 
         g = _basis.gram(state.basis, updates, groups, n_groups)
         target, r2 = _basis.fit(g, cfg.fit_ridge)
@@ -370,9 +382,11 @@ def predictive(
         planned = state._replace(horizon_scale=scale, bandit=bandit)
         next_h, arm = plan_horizon(planned, confidence, context)
         healthy = ~skip & jnp.isfinite(update_norm)
-        can_predict = (
-            healthy & jnp.isfinite(nxt.confidence) & (confidence >= cfg.confidence_threshold)
-        )
+        # a dispatched step decides on the confidence of the real step before it, which
+        # is what the host's guess a step earlier was based on
+        gate = st.confidence if dispatched else confidence
+        gate_ok = jnp.isfinite(st.confidence) if dispatched else jnp.isfinite(nxt.confidence)
+        can_predict = healthy & gate_ok & (gate >= cfg.confidence_threshold)
         can_predict = can_predict & ~verdict.force_real & ~rollback
 
         ph = _phases.advance(phase_of(state), cfg, can_predict, next_h)
@@ -415,21 +429,26 @@ def predictive(
             jnp.where(learn_arm, state.bandit.last_arm, -1),
             jnp.where(learn_arm, reward, jnp.nan),
         )
-        updates = jax.tree.map(
-            lambda u, s, p: jnp.where(rollback, (s - p).astype(u.dtype), u),
-            updates,
-            state.snapshot,
-            params,
-        )
+        if can_roll_back:
+            updates = jax.tree.map(
+                lambda u, s, p: jnp.where(rollback, (s - p).astype(u.dtype), u),
+                updates,
+                state.snapshot,
+                params,
+            )
         # the snapshot of a Predict phase: the parameters this step produces, written only
-        # when one starts (a branch over the snapshot's buffers alone: one passes them through)
-        snapshot = jax.lax.cond(
-            entering,
-            lambda: jax.tree.map(
-                lambda s, p, u: (p + u).astype(s.dtype), state.snapshot, params, updates
-            ),
-            lambda: state.snapshot,
-        )
+        # when one starts (a branch over the snapshot's buffers alone: one passes them
+        # through). Dispatched steps leave it to the Predict phase's first step.
+        if dispatched:
+            snapshot, entering = state.snapshot, jnp.asarray(False)
+        else:
+            snapshot = jax.lax.cond(
+                entering,
+                lambda: jax.tree.map(
+                    lambda s, p, u: (p + u).astype(s.dtype), state.snapshot, params, updates
+                ),
+                lambda: state.snapshot,
+            )
         new = state._replace(
             inner=inner_state,
             basis=basis,
@@ -440,7 +459,10 @@ def predictive(
             last=last,
             snapshot=snapshot,
             snapshot_valid=entering | (state.snapshot_valid & ~verifying & ~rollback),
-            pending_verify=jnp.asarray(False),
+            # a dispatched real step without the snapshot's loss leaves the check to the next
+            pending_verify=(state.pending_verify & ~verifying)
+            if dispatched
+            else jnp.asarray(False),
             horizon_scale=scale,
             residuals=residuals,
             corrector=corrector,

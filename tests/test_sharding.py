@@ -56,6 +56,7 @@ EXACT_METRICS = {
     "nonfinite_predictions",
     "rollbacks",
     "skipped_updates",
+    "idle_steps",
     "divergence_events",
     "bandit_arm",
 }

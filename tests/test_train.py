@@ -1,5 +1,6 @@
 """The driver, exact resume, checkpoint failures, memory emergencies and the CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -57,6 +58,34 @@ def test_train_returns_rows_evals_and_matches_a_bare_loop(digits_split):
     for _ in range(120):
         params, state, _ = step(params, state, next(it))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), res.params, params)
+
+
+def test_train_dispatched_takes_the_same_steps(digits_split):
+    # (with a confidence gate the dispatched step decides on the previous real step's
+    # confidence, so the two would differ where it crosses the threshold)
+    _, data = _setup(digits_split)
+    tx = hj.predictive(optax.adamw(1e-3), dataclasses.replace(CFG, confidence_threshold=0.0))
+    runs = [
+        hj.train(
+            tasks.mlp_loss,
+            tx,
+            tasks.mlp_init(jax.random.key(0)),
+            data,
+            steps=100,
+            sync_every=16,
+            progress=False,
+            dispatched=dispatched,
+        )
+        for dispatched in (False, True)
+    ]
+    a, b = ([(r["phase"], r["used_gradient"], r["verified"]) for r in x.rows] for x in runs)
+    assert a == b and {p for p, _, _ in a} >= {hj.WARMUP, hj.FULL, hj.PREDICT}
+    assert runs[1].rows[-1]["idle_steps"] == 0
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+        runs[0].params,
+        runs[1].params,
+    )
 
 
 def _run_resume(out, steps, split_at, digits_split):
