@@ -158,7 +158,10 @@ class DispatchedStep:
 
     Call it like the function from ``make_hybrid_step``:
     ``params, state, metrics = step(params, state, batch)`` (``metrics[, aux]`` with
-    ``has_aux``). Each of the four programs is compiled once, on first use, or all of
+    ``has_aux``). ``prepare(state, *extra) -> state``, if given, runs at the start of
+    every program on the ``extra`` arguments of the call (e.g. to set a learning rate
+    from the global step: ``step(params, state, batch, t)``); it must leave the phase
+    machine as it is. Each of the four programs is compiled once, on first use, or all of
     them up front by ``compile(params, state, batch)``; ``compiled_kinds`` lists those
     compiled so far and ``kind_counts`` how often each ran. The host reads one int32
     per step, a step late, so it never waits for the step it has just launched; it
@@ -173,10 +176,14 @@ class DispatchedStep:
         *,
         has_aux: bool = False,
         donate: bool = True,
+        prepare: Callable[..., HybridState] | None = None,
     ):
         if not isinstance(tx, PredictiveTransformation):
             raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
+        if prepare is not None and not callable(prepare):
+            raise TypeError(f"prepare must be callable; got {type(prepare).__name__}")
         self.tx = tx
+        self._prepare = prepare
         self.has_aux = has_aux
         self._donate = (0, 1) if donate else ()
         self._with_aux = loss_with_aux(loss_fn, has_aux)
@@ -199,23 +206,27 @@ class DispatchedStep:
                 aux_shape = jax.eval_shape(with_aux, params, batch)[1]
                 body = _predicted_program(with_aux, tx, kind == PREDICT_FIRST, aux_shape)
 
-            def program(params, state, batch):
+            prepare = self._prepare
+
+            def program(params, state, batch, *extra):
+                if prepare is not None:
+                    state = prepare(state, *extra)
                 params, state, aux = body(params, state, batch)
                 return params, state, metrics(state), aux, kind_after_next(state, tx)
 
             self._programs[kind] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[kind]
 
-    def compile(self, params: PyTree, state: HybridState, batch: Any) -> float:
+    def compile(self, params: PyTree, state: HybridState, batch: Any, *extra: Any) -> float:
         """Compiles all four programs now for these shapes (nothing runs, nothing is
         donated), so that no compilation happens mid-run; returns the seconds taken."""
         t0 = time.perf_counter()
         for kind in range(len(KIND_NAMES)):
             program = self._program(kind, params, batch)
-            self._compiled[kind] = program.lower(params, state, batch).compile()
+            self._compiled[kind] = program.lower(params, state, batch, *extra).compile()
         return time.perf_counter() - t0
 
-    def __call__(self, params: PyTree, state: HybridState, batch: Any):
+    def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
         if state is not self._last_state or not self._pending:
             # a state from outside: its kind and the guess after it, read now
             now, ahead = jax.device_get((kind_of(state), kind_after_next(state, self.tx)))
@@ -225,7 +236,7 @@ class DispatchedStep:
             kind = int(self._pending.popleft())  # made a step ago: ready, or nearly
         self.kind_counts[kind] += 1
         program = self._compiled.get(kind) or self._program(kind, params, batch)
-        params, state, m, aux, ahead = program(params, state, batch)
+        params, state, m, aux, ahead = program(params, state, batch, *extra)
         self._pending.append(ahead)
         self._last_state = state
         if self.has_aux:
@@ -239,6 +250,7 @@ def make_dispatched_step(
     *,
     has_aux: bool = False,
     donate: bool = True,
+    prepare: Callable[..., HybridState] | None = None,
 ) -> DispatchedStep:
     """Like ``make_hybrid_step``, without a ``lax.cond`` around the step: the host picks
     one of four compiled programs a step ahead (see ``hybrid_jax._dispatch``).
@@ -248,8 +260,10 @@ def make_dispatched_step(
       tx: a transformation from ``hj.predictive``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       donate: donate the params and state buffers.
+      prepare: ``prepare(state, *extra) -> state`` run first in every program, on the
+        extra arguments of each call (see ``DispatchedStep``).
 
     Returns:
       A ``DispatchedStep``: ``step(params, state, batch) -> (params, state, metrics[, aux])``.
     """
-    return DispatchedStep(loss_fn, tx, has_aux=has_aux, donate=donate)
+    return DispatchedStep(loss_fn, tx, has_aux=has_aux, donate=donate, prepare=prepare)

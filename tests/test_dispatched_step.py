@@ -195,3 +195,28 @@ def test_has_aux(digits_batches):
 def test_bad_tx_is_rejected():
     with pytest.raises(TypeError, match=r"hj\.predictive"):
         hj.make_dispatched_step(tasks.mlp_loss, optax.adamw(1e-3))
+
+
+def test_prepare_sets_the_learning_rate_from_the_global_step(digits_batches):
+    inner = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0)
+    cfg = hj.HybridConfig(warmup_steps=5, full_steps=3, confidence_threshold=0.0)
+    tx = hj.predictive(inner, cfg)
+
+    def with_lr(state, t):
+        lr = 1e-3 / (1.0 + 0.05 * t.astype(jnp.float32))
+        return state._replace(inner=optax.tree_utils.tree_set(state.inner, learning_rate=lr))
+
+    dispatched = hj.make_dispatched_step(tasks.mlp_loss, tx, prepare=with_lr)
+    plain = jax.jit(lambda p, s, b, t: hj.hybrid_step(tasks.mlp_loss, tx, p, with_lr(s, t), b))
+    runs = []
+    for step in (dispatched, plain):
+        params = tasks.mlp_init(jax.random.key(0))
+        state = tx.init(params)
+        for t, b in enumerate(digits_batches[:40]):
+            params, state, _ = step(params, state, b, jnp.int32(t))
+        runs.append((params, state))
+    (pa, sa), (pb, sb) = runs
+    lr = optax.tree_utils.tree_get(sa.inner, "learning_rate")
+    assert float(lr) == pytest.approx(1e-3 / (1.0 + 0.05 * 39))
+    assert int(sa.counters.predicted_steps) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), pa, pb)
