@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import environment
+from _timing import environment, write_jsonl
 from end_to_end import hybrid_config, workloads
 
 import hybrid_jax as hj
@@ -86,9 +86,7 @@ def main() -> None:
         )
     print(json.dumps(env))
     if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -305,81 +305,52 @@ def memory(compiled) -> dict[str, int | None]:
 def run_arm(
     wl: Workload, arm: Arm, seed: int, evaluate, log, cache: dict, stepping: str = "fused"
 ) -> tuple[dict, Any, Any, Any]:
-    """Trains one arm with one seed; returns its record, compiled chunk, params and state.
+    """Trains one arm with one seed; returns its record, compiled chunk (``None`` with
+    ``stepping="python"``), params and state.
 
-    The chunk is compiled once per arm (``cache``: name -> (compiled, seconds)); every
-    seed of the arm reuses it.
+    The step (a ``lax.scan`` chunk, or with ``stepping="python"`` one step per call) is
+    compiled once per arm (``cache``: name -> (compiled, seconds)); every seed of the
+    arm reuses it. A chunk's batches are on the device before its clock starts.
     """
     params, state = init_arm(arm, wl.init(jax.random.key(seed)))
     hyper = jnp.asarray([arm.lr, max(round(arm.steps * 0.05), 1), arm.steps], jnp.float32)
-    if stepping == "python":
-        return _run_arm_stepped(wl, arm, seed, evaluate, log, cache, params, state, hyper)
-    stage = lambda start: jax.device_put(wl.batches(seed, start, arm.chunk))
-    first = stage(0)
+    fused = stepping == "fused"
     if arm.name not in cache:
         t0 = time.perf_counter()
-        chunk = make_chunk(arm, wl.loss_fn)
-        cache[arm.name] = chunk.lower(params, state, first, jnp.int32(0), hyper).compile()
+        if fused:
+            first = jax.device_put(wl.batches(seed, 0, arm.chunk))
+            chunk = make_chunk(arm, wl.loss_fn)
+            cache[arm.name] = chunk.lower(params, state, first, jnp.int32(0), hyper).compile()
+        else:
+            cache[arm.name] = make_stepper(arm, wl.loss_fn)
+            one = jax.device_put(wl.batches(seed, 0, 1))[0]
+            cache[arm.name].compile(params, state, one, jnp.int32(0), hyper)
         cache[arm.name, "s"] = time.perf_counter() - t0
     compiled, compile_s = cache[arm.name], cache[arm.name, "s"]
-    curve = [
-        dict(step=0, wall=0.0, loss=evaluate(eval_params(arm, params)), **counters(arm, state, 0))
-    ]
-    wall = 0.0
-    for start in range(0, arm.steps, arm.chunk):
-        batch = first if start == 0 else stage(start)
-        jax.block_until_ready(batch)
-        t0 = time.perf_counter()
-        params, state = compiled(params, state, batch, jnp.int32(start), hyper)
-        jax.block_until_ready((params, state))
-        wall += time.perf_counter() - t0
-        done = start + arm.chunk
-        loss = evaluate(eval_params(arm, params))
-        curve.append(dict(step=done, wall=wall, loss=loss, **counters(arm, state, done)))
-    rec = dict(
-        workload=wl.name,
-        arm=arm.name,
-        kind=arm.kind,
-        seed=seed,
-        lr=arm.lr,
-        steps=arm.steps,
-        chunk=arm.chunk,
-        compile_s=compile_s,
-        final_loss=curve[-1]["loss"],
-        wall=wall,
-        curve=curve,
-        **memory(compiled),
-    )
-    log(
-        f"  {arm.name:22s} seed {seed}: held-out {rec['final_loss']:.4f}  "
-        f"train {wall:7.2f} s  compile {compile_s:5.1f} s  "
-        f"backward {curve[-1]['backward']}/{arm.steps}  rollbacks {curve[-1]['rollbacks']}"
-    )
-    return rec, compiled, params, state
+    ts = [jnp.int32(t) for t in range(0, arm.steps)]
 
-
-def _run_arm_stepped(wl, arm, seed, evaluate, log, cache, params, state, hyper):
-    """``run_arm`` with one call per step from Python (``--stepping python``); the
-    batches of a chunk are put on the device, one array per step, before its clock starts."""
-    if arm.name not in cache:
-        step = make_stepper(arm, wl.loss_fn)
-        b0 = jax.device_put(wl.batches(seed, 0, 1))[0]
-        compile_s = step.compile(params, state, b0, jnp.int32(0), hyper)
-        cache[arm.name], cache[arm.name, "s"] = step, compile_s
-    step, compile_s = cache[arm.name], cache[arm.name, "s"]
-    ts = [jnp.int32(t) for t in range(arm.steps)]
-    curve = [
-        dict(step=0, wall=0.0, loss=evaluate(eval_params(arm, params)), **counters(arm, state, 0))
-    ]
-    wall = 0.0
-    for start in range(0, arm.steps, arm.chunk):
-        batches = list(jax.device_put(wl.batches(seed, start, arm.chunk)))
+    def train_chunk(params, state, start):
+        """Runs the chunk from ``start``; returns params, state and its seconds."""
+        batches = jax.device_put(wl.batches(seed, start, arm.chunk))
+        if not fused:
+            batches = list(batches)
         jax.block_until_ready(batches)
         t0 = time.perf_counter()
-        for i, batch in enumerate(batches):
-            params, state = step(params, state, batch, ts[start + i], hyper)
+        if fused:
+            params, state = compiled(params, state, batches, ts[start], hyper)
+        else:
+            for i, batch in enumerate(batches):
+                params, state = compiled(params, state, batch, ts[start + i], hyper)
         jax.block_until_ready((params, state))
-        wall += time.perf_counter() - t0
+        return params, state, time.perf_counter() - t0
+
+    curve = [
+        dict(step=0, wall=0.0, loss=evaluate(eval_params(arm, params)), **counters(arm, state, 0))
+    ]
+    wall = 0.0
+    for start in range(0, arm.steps, arm.chunk):
+        params, state, seconds = train_chunk(params, state, start)
+        wall += seconds
         done = start + arm.chunk
         loss = evaluate(eval_params(arm, params))
         curve.append(dict(step=done, wall=wall, loss=loss, **counters(arm, state, done)))
@@ -391,18 +362,19 @@ def _run_arm_stepped(wl, arm, seed, evaluate, log, cache, params, state, hyper):
         lr=arm.lr,
         steps=arm.steps,
         chunk=arm.chunk,
-        stepping="python",
+        stepping=stepping,
         compile_s=compile_s,
         final_loss=curve[-1]["loss"],
         wall=wall,
         curve=curve,
+        **(memory(compiled) if fused else {}),
     )
     log(
         f"  {arm.name:22s} seed {seed}: held-out {rec['final_loss']:.4f}  "
         f"train {wall:7.2f} s  compile {compile_s:5.1f} s  "
         f"backward {curve[-1]['backward']}/{arm.steps}  rollbacks {curve[-1]['rollbacks']}"
     )
-    return rec, None, params, state
+    return rec, compiled if fused else None, params, state
 
 
 def step_costs(wl: Workload, arm: Arm, compiled, params, state, repeats: int = 5) -> dict:

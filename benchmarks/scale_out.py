@@ -31,7 +31,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_cost
-from _timing import environment, median_time
+from _timing import environment, median_time, write_jsonl
 
 import hybrid_jax as hj
 from hybrid_jax import _sharding as hs
@@ -170,9 +170,7 @@ def main() -> None:
             config(n, rule)
     print(json.dumps(env))
     if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":
