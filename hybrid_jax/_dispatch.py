@@ -164,7 +164,8 @@ class DispatchedStep:
     machine as it is. Each of the four programs is compiled once, on first use, or all of
     them up front by ``compile(params, state, batch)``; ``compiled_kinds`` lists those
     compiled so far and ``kind_counts`` how often each ran. The host reads one int32
-    per step, a step late, so it never waits for the step it has just launched; it
+    per step, a step late, so it never waits for the step it has just launched (but it
+    does wait for the one before: at most two steps are queued on the device); it
     reads one more, at once, whenever it is given a state it did not return itself
     (the first call, a restored checkpoint).
     """
