@@ -174,7 +174,8 @@ def _member_loss(params, gd, s: RSSMSettings, win: Window, boot: jax.Array, key,
 
     zdim = s.latent_groups * s.latent_classes
     init = (jnp.zeros((s.hidden,), jnp.float32), jnp.zeros((zdim,), jnp.float32))
-    (h, z), (outs, kl) = jax.lax.scan(body, init, (win.features, keys))
+    # unrolled (in blocks): a GPU while loop costs a host round trip per iteration
+    (h, z), (outs, kl) = jax.lax.scan(body, init, (win.features, keys), unroll=min(n, 16))
     pred_dlog = outs[:-1, 0]
     pred_coefs = outs[:-1, 1:].reshape(n - 1, s.n_groups, s.basis_size)
     pair = win.valid[:-1] & win.valid[1:] & win.consecutive[1:]
