@@ -161,9 +161,11 @@ class DispatchedStep:
     ``has_aux``). ``prepare(state, *extra) -> state``, if given, runs at the start of
     every program on the ``extra`` arguments of the call (e.g. to set a learning rate
     from the global step: ``step(params, state, batch, t)``); it must leave the phase
-    machine as it is. Each of the four programs is compiled once, on first use, or all of
-    them up front by ``compile(params, state, batch)``; ``compiled_kinds`` lists those
-    compiled so far and ``kind_counts`` how often each ran. The host reads one int32
+    machine as it is. ``metrics_fn(state)`` (default ``hj.metrics``) gives what each call
+    returns as its metrics, computed inside the programs. Each of the four programs is
+    compiled once, on first use, or all of them up front by ``compile(params, state,
+    batch)``; ``compiled_kinds`` lists those compiled so far and ``kind_counts`` how
+    often each ran. The host reads one int32
     per step, a step late, so it never waits for the step it has just launched (but it
     does wait for the one before: at most two steps are queued on the device); it
     reads one more, at once, whenever it is given a state it did not return itself
@@ -178,13 +180,16 @@ class DispatchedStep:
         has_aux: bool = False,
         donate: bool = True,
         prepare: Callable[..., HybridState] | None = None,
+        metrics_fn: Callable[[HybridState], Any] = metrics,
     ):
         if not isinstance(tx, PredictiveTransformation):
             raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
-        if prepare is not None and not callable(prepare):
-            raise TypeError(f"prepare must be callable; got {type(prepare).__name__}")
+        for name, fn in (("prepare", prepare), ("metrics_fn", metrics_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable; got {type(fn).__name__}")
         self.tx = tx
         self._prepare = prepare
+        self._metrics_fn = metrics_fn
         self.has_aux = has_aux
         self._donate = (0, 1) if donate else ()
         self._with_aux = loss_with_aux(loss_fn, has_aux)
@@ -207,13 +212,13 @@ class DispatchedStep:
                 aux_shape = jax.eval_shape(with_aux, params, batch)[1]
                 body = _predicted_program(with_aux, tx, kind == PREDICT_FIRST, aux_shape)
 
-            prepare = self._prepare
+            prepare, metrics_fn = self._prepare, self._metrics_fn
 
             def program(params, state, batch, *extra):
                 if prepare is not None:
                     state = prepare(state, *extra)
                 params, state, aux = body(params, state, batch)
-                return params, state, metrics(state), aux, kind_after_next(state, tx)
+                return params, state, metrics_fn(state), aux, kind_after_next(state, tx)
 
             self._programs[kind] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[kind]

@@ -22,7 +22,7 @@ import optax
 from ._checkpoint import Checkpointer
 from ._dispatch import DispatchedStep
 from ._memory import MemoryMonitor
-from ._metrics import METRIC_NAMES
+from ._metrics import METRIC_NAMES, metrics
 from ._phases import FULL
 from ._step import hybrid_step
 from ._transform import PredictiveTransformation
@@ -127,13 +127,12 @@ def make_train_step(
     and carry are donated.
     """
     if isinstance(tx, PredictiveTransformation) and dispatched:
-        chosen, pack = DispatchedStep(loss_fn, tx), jax.jit(_pack)
+        chosen = DispatchedStep(loss_fn, tx, metrics_fn=lambda s: _pack(metrics(s)))
 
         def dispatched_step(params, state, batch):
             if not chosen.compiled_kinds:  # all four now, inside the first (compile) step
                 chosen.compile(params, state, batch)
-            params, state, m = chosen(params, state, batch)
-            return params, state, pack(m)
+            return chosen(params, state, batch)
 
         return dispatched_step
     if isinstance(tx, PredictiveTransformation):

@@ -86,12 +86,19 @@ def _call(step, kind, params, state, batch):
     return step._program(kind, params, batch)(copy(params), copy(state), batch)
 
 
-def test_predicted_program_on_a_state_that_wants_a_real_step_does_nothing(digits_batches):
+@pytest.fixture(scope="module")
+def warm(digits_batches):
+    """A transformation, its state after 30 real steps, and one dispatched step (its
+    programs compiled once for the guard tests)."""
     cfg = hj.HybridConfig(warmup_steps=5, confidence_threshold=0.0)
     tx = hj.predictive(optax.adamw(1e-3), cfg)
     params, state = _warm_state(tx, digits_batches)
+    return params, state, hj.make_dispatched_step(tasks.mlp_loss, tx)
+
+
+def test_predicted_program_on_a_state_that_wants_a_real_step_does_nothing(digits_batches, warm):
+    params, state, step = warm
     state = state._replace(phase=I32(hj.FULL), phase_step=I32(0), phase_budget=I32(5))
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx)
     for kind in (_dispatch.PREDICT, _dispatch.PREDICT_FIRST):
         p, s, m, _, _ = _call(step, kind, params, state, digits_batches[40])
         jax.tree.map(np.testing.assert_array_equal, p, params)
@@ -101,12 +108,9 @@ def test_predicted_program_on_a_state_that_wants_a_real_step_does_nothing(digits
         jax.tree.map(np.testing.assert_array_equal, s.snapshot, state.snapshot)
 
 
-def test_real_program_delays_a_starting_predict_phase(digits_batches):
-    cfg = hj.HybridConfig(warmup_steps=5, confidence_threshold=0.0)
-    tx = hj.predictive(optax.adamw(1e-3), cfg)
-    params, state = _warm_state(tx, digits_batches)
+def test_real_program_delays_a_starting_predict_phase(digits_batches, warm):
+    params, state, step = warm
     state = state._replace(phase=I32(hj.PREDICT), phase_step=I32(0), phase_budget=I32(5))
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx)
     p, s, m, _, _ = _call(step, _dispatch.REAL, params, state, digits_batches[40])
     assert (int(s.phase), int(s.phase_step), int(s.phase_budget)) == (hj.PREDICT, 0, 5)
     assert (
@@ -120,10 +124,8 @@ def test_real_program_delays_a_starting_predict_phase(digits_batches):
     assert int(_dispatch.kind_of(s)) == _dispatch.PREDICT_FIRST
 
 
-def test_real_program_ends_a_predict_phase_under_way_and_verify_checks_it(digits_batches):
-    cfg = hj.HybridConfig(warmup_steps=5, confidence_threshold=0.0)
-    tx = hj.predictive(optax.adamw(1e-3), cfg)
-    params, state = _warm_state(tx, digits_batches)
+def test_real_program_ends_a_predict_phase_under_way_and_verify_checks_it(digits_batches, warm):
+    params, state, step = warm
     state = state._replace(
         phase=I32(hj.PREDICT),
         phase_step=I32(2),
@@ -132,7 +134,6 @@ def test_real_program_ends_a_predict_phase_under_way_and_verify_checks_it(digits
         snapshot_valid=jnp.asarray(True),
         pending_verify=jnp.asarray(False),
     )
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx)
     p, s, m, _, _ = _call(step, _dispatch.REAL, params, state, digits_batches[40])
     assert int(s.phase) == hj.CORRECT and bool(s.pending_verify)
     assert not bool(m["rolled_back"]) and not bool(m["verified"])
@@ -192,9 +193,14 @@ def test_has_aux(digits_batches):
     assert kinds == {True, False}
 
 
-def test_bad_tx_is_rejected():
+def test_bad_arguments_are_rejected():
     with pytest.raises(TypeError, match=r"hj\.predictive"):
         hj.make_dispatched_step(tasks.mlp_loss, optax.adamw(1e-3))
+    tx = hj.predictive(optax.adamw(1e-3))
+    with pytest.raises(TypeError, match="prepare must be callable"):
+        hj.make_dispatched_step(tasks.mlp_loss, tx, prepare=3)
+    with pytest.raises(TypeError, match="metrics_fn must be callable"):
+        hj.DispatchedStep(tasks.mlp_loss, tx, metrics_fn="metrics")
 
 
 def test_prepare_sets_the_learning_rate_from_the_global_step(digits_batches):
@@ -215,7 +221,7 @@ def test_prepare_sets_the_learning_rate_from_the_global_step(digits_batches):
         for t, b in enumerate(digits_batches[:40]):
             params, state, _ = step(params, state, b, jnp.int32(t))
         runs.append((params, state))
-    (pa, sa), (pb, sb) = runs
+    (pa, sa), (pb, _) = runs
     lr = optax.tree_utils.tree_get(sa.inner, "learning_rate")
     assert float(lr) == pytest.approx(1e-3 / (1.0 + 0.05 * 39))
     assert int(sa.counters.predicted_steps) > 0
