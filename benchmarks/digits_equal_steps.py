@@ -1,6 +1,6 @@
 """Held-out loss at an equal number of steps: hybrid vs plain AdamW on scikit-learn digits.
 
-    python benchmarks/digits_equal_steps.py [--steps 1000] [--seeds 3]
+    python benchmarks/digits_equal_steps.py [--steps 1000] [--seeds 3] [--sketch-stride 1]
 
 For each learning rate and each hybrid schedule (horizon H, Correct steps C), the same
 seeds and the same data order are used for both arms; the table gives the share of
@@ -61,6 +61,7 @@ def main() -> None:
         default=None,
         help="confidence_threshold for every predictor (default: the config's)",
     )
+    ap.add_argument("--sketch-stride", type=int, default=1, help="HybridConfig.sketch_stride")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     split = tasks.digits(0)
@@ -80,6 +81,7 @@ def main() -> None:
                     min_horizon=1,
                     max_horizon=h,
                     predictor=pred,
+                    sketch_stride=args.sketch_stride,
                     **extra,
                 )
                 res = [
@@ -106,6 +108,7 @@ def main() -> None:
                         base=base,
                         hybrid=hyb,
                         steps=args.steps,
+                        sketch_stride=args.sketch_stride,
                     )
                 )
     print(json.dumps(environment()))

@@ -9,13 +9,15 @@ Every mode is one jitted step with its inputs donated, timed over a loop of step
 compiling and warming up; the figure is the median over repeats. The hybrid's phase is
 forced (a Full phase or a Predict phase with a huge budget) so that one compiled step
 is timed in each branch (``--variants dispatched``: each of the programs of
-``hj.make_dispatched_step``, chosen on the host). ``--fused`` also times ``lax.scan``
+``hj.make_dispatched_step``, chosen on the host; ``--sketch-strides 1,16`` times each
+variant with each ``HybridConfig.sketch_stride``). ``--fused`` also times ``lax.scan``
 loops of steps, which take Python dispatch out of the figures for small models.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import re
@@ -136,6 +138,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="steps per timed loop (0: by model)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--basis-dtype", default="float32")
+    ap.add_argument(
+        "--sketch-strides", default="1", help="comma list of HybridConfig.sketch_stride values"
+    )
     ap.add_argument("--predictor", default="last_update", help="last_update, extrapolate, rssm")
     ap.add_argument(
         "--variants", default="cond", help="comma list: cond,delta_cond,while,dispatched"
@@ -155,11 +160,12 @@ def main() -> None:
     cfg = hj.HybridConfig(
         basis_dtype=args.basis_dtype, predictor=args.predictor, monitor_warmup=2**30
     )
+    strides = [int(x) for x in args.sketch_strides.split(",")]
     tx = hj.predictive(inner, cfg)
     fresh = lambda: jax.tree.map(jnp.copy, params0)
     rows = []
 
-    def record(mode, seconds, spread, compile_s, copies=None):
+    def record(mode, seconds, spread, compile_s, copies=None, stride=1):
         rows.append(
             dict(
                 model=args.model,
@@ -171,6 +177,7 @@ def main() -> None:
                 n_params=int(n_params),
                 basis_dtype=args.basis_dtype,
                 predictor=args.predictor,
+                sketch_stride=stride,
                 steps_per_loop=n,
             )
         )
@@ -230,7 +237,8 @@ def main() -> None:
             )
             return out, basis
 
-        basis = tx.init(p).basis.vectors
+        b = tx.init(p).basis
+        basis = jax.tree.map(lambda e, r: jnp.stack([e, r[0]]), b.ema, b.ring)
         cvec = jnp.asarray([0.5, 0.25], jnp.float32)
         compiled, cs = timed_compile(jax.jit(floor, donate_argnums=(0,)), fresh(), basis, cvec)
         t, s, _ = time_loop(lambda p, b, c: compiled(p, b, c), (fresh(), basis), [cvec] * n)
@@ -238,30 +246,39 @@ def main() -> None:
         del basis
 
     makers = {
-        "cond": lambda: hj.make_hybrid_step(loss_fn, tx),
-        "delta_cond": lambda: delta_cond_step(loss_fn, tx),
-        "while": lambda: while_step(loss_fn, tx),
-        "dispatched": lambda: hj.make_dispatched_step(loss_fn, tx),
+        "cond": lambda tx: hj.make_hybrid_step(loss_fn, tx),
+        "delta_cond": lambda tx: delta_cond_step(loss_fn, tx),
+        "while": lambda tx: while_step(loss_fn, tx),
+        "dispatched": lambda tx: hj.make_dispatched_step(loss_fn, tx),
     }
-    for variant in args.variants.split(","):
+    hybrid_runs = [(v, k) for k in strides for v in args.variants.split(",")]
+    for variant, stride in hybrid_runs:
+        tx = hj.predictive(inner, dataclasses.replace(cfg, sketch_stride=stride))
+        if stride != 1:
+            variant = f"{variant}/{stride}"
         p = fresh()
         state = tx.init(p)
-        if variant == "dispatched":  # four programs, compiled on first use of each
-            compiled, copies = makers[variant](), None
+        if variant.startswith("dispatched"):  # four programs, compiled on first use of each
+            compiled, copies = makers["dispatched"](tx), None
             t0 = time.perf_counter()
             p, state, _ = compiled(p, state, batch)
             cs = time.perf_counter() - t0
         else:
-            compiled, cs = timed_compile(makers[variant](), p, state, batch)
+            compiled, cs = timed_compile(makers[variant.split("/")[0]](tx), p, state, batch)
             copies = big_copies(compiled)
-        if args.dump_hlo and copies is not None:
-            Path(args.dump_hlo, f"{args.model}_{variant}.hlo.txt").write_text(compiled.as_text())
+        if args.dump_hlo:
+            slug = re.sub(r"\W+", "_", f"{args.model}_{variant}")
+            if copies is None:  # the dispatched step's real program
+                text = compiled._program(0, p, batch).lower(p, state, batch).compile().as_text()
+            else:
+                text = compiled.as_text()
+            Path(args.dump_hlo, f"{slug}.hlo.txt").write_text(text)
         for _ in range(3):  # fill the basis with real updates
             p, state, _ = compiled(p, state, batch)
         for phase, label in [(hj.FULL, "real"), (hj.PREDICT, "predicted")]:
             mode = f"hybrid[{variant}] {label}"
             t, s, (p, state) = time_loop(compiled, (p, forced(state, phase)), batches, mode)
-            record(mode, t, s, cs, copies)
+            record(mode, t, s, cs, copies, stride)
         if timelines.get("adamw") and f"hybrid[{variant}] real" in timelines:
             print(f"device time that hybrid[{variant}] real adds to adamw, by kernel (ms/loop):")
             for k, v in timeline_diff(timelines["adamw"], timelines[f"hybrid[{variant}] real"], 25):
@@ -301,7 +318,7 @@ def main() -> None:
     env = environment()
     print(json.dumps(env))
     by = {r["mode"]: r["ms"] for r in rows}
-    for variant in args.variants.split(","):
+    for variant in {r["mode"].split("]")[0][7:] for r in rows if r["mode"].startswith("hybrid[")}:
         if "adamw" not in by:
             continue
         real, pred = by[f"hybrid[{variant}] real"], by[f"hybrid[{variant}] predicted"]
@@ -310,6 +327,9 @@ def main() -> None:
             f"real/adamw = {real / by['adamw']:.4f}; "
             f"predicted/adamw = {pred / by['adamw']:.4f}"
         )
+    if args.profile:
+        by_name = {k: t["ms_by_name"] for k, t in timelines.items() if t}
+        Path(args.profile, "ms_by_name.json").write_text(json.dumps(by_name, indent=1))
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:

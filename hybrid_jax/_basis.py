@@ -7,9 +7,14 @@ order, the one every coefficient vector uses, is::
     1: an EMA of real updates    m_t = d m_{t-1} + (1 - d) u_t   (m_0 = u_0)
     2..B-1: older real updates   u_{t-1}, u_{t-2}, ...
 
-They are stored per leaf as one array of shape ``(B, *leaf.shape)`` whose slot 0
-is the EMA and whose slots 1..B-1 are a ring of raw updates, so that a real step
-writes two slots in place (no shifting); ``head`` names the newest ring slot.
+They are stored as two pytrees shaped like the parameters: ``ema`` (per leaf:
+``leaf.shape``) and ``ring`` (per leaf: ``(B - 1, *leaf.shape)``), a ring of raw updates
+whose newest slot is ``head``. A real step writes the EMA and one ring slot (no
+shifting). The *physical* slots used by coefficient vectors in storage order are
+``0: ema, 1 + r: ring[r]``. The EMA is its own buffer so that its new value, the
+update's inner products and the parameters' new value can come out of one fused pass
+over the update; with ``B = 2`` the ring slot is too (written by a select, not an
+in-place update).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ PyTree = Any
 class Basis(NamedTuple):
     """Direction buffers; see the module docstring for the layout."""
 
-    vectors: PyTree  # per leaf: (B, *leaf.shape)
+    ema: PyTree  # per leaf: leaf.shape
+    ring: PyTree  # per leaf: (B - 1, *leaf.shape)
     head: jax.Array  # int32: ring slot (0..B-2) of the newest real update
     count: jax.Array  # int32: real updates pushed so far
     gram: jax.Array  # (G, B, B) float32: inner products of the directions, logical order
@@ -48,38 +54,75 @@ def storage_dtype(leaf_dtype: Any, basis_dtype: str) -> Any:
 
 def init(params: PyTree, size: int, basis_dtype: str, n_groups: int) -> Basis:
     """Zero directions shaped like ``params``."""
-    vectors = jax.tree.map(
-        lambda p: jnp.zeros((size, *p.shape), storage_dtype(p.dtype, basis_dtype)), params
-    )
+    dtype = lambda p: storage_dtype(p.dtype, basis_dtype)
+    ema = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype(p)), params)
+    ring = jax.tree.map(lambda p: jnp.zeros((size - 1, *p.shape), dtype(p)), params)
     zero = jnp.zeros((), jnp.int32)
-    return Basis(vectors, zero, zero, jnp.zeros((n_groups, size, size), jnp.float32))
+    return Basis(ema, ring, zero, zero, jnp.zeros((n_groups, size, size), jnp.float32))
+
+
+def size_of(basis: Basis) -> int:
+    """``B``, the number of directions."""
+    return 1 + jax.tree.leaves(basis.ring)[0].shape[0]
+
+
+def slots(basis: Basis) -> list[list[jax.Array]]:
+    """Per parameter leaf, its ``B`` directions in physical order (static slices)."""
+    rings = jax.tree.leaves(basis.ring)
+    return [
+        [e, *(r[i] for i in range(r.shape[0]))]
+        for e, r in zip(jax.tree.leaves(basis.ema), rings, strict=True)
+    ]
 
 
 def physical_index(head: jax.Array, size: int) -> jax.Array:
-    """``idx[l]`` = storage slot of logical direction ``l``."""
+    """``idx[l]`` = physical slot (0: ema, 1 + r: ring[r]) of logical direction ``l``."""
     ring = size - 1
     lags = jnp.arange(size - 2, dtype=jnp.int32)  # lag j = 1 .. size-2 at logical 2+j-1
     older = 1 + jnp.mod(head - 1 - lags, ring)
     return jnp.concatenate([jnp.stack([1 + head, jnp.int32(0)]), older]).astype(jnp.int32)
 
 
-def gram(basis: Basis, update: PyTree, group_of_leaf: tuple[int, ...], n_groups: int) -> Gram:
+def sample_rows(x: jax.Array, stride: int) -> tuple[jax.Array, float]:
+    """Every ``stride``-th row of ``x`` seen as ``(-1, last axis)``, and the factor that
+    scales a sum over those rows up to the whole array.
+
+    Arrays with fewer than ``stride`` rows (and scalars and vectors) are returned whole,
+    with factor 1. The rows are a strided slice: contiguous in memory, so reading them
+    costs about ``1 / stride`` of a pass over ``x``.
+    """
+    if stride <= 1 or x.ndim < 2:
+        return x, 1.0
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] < stride:
+        return x, 1.0
+    picked = rows[::stride]
+    return picked, rows.shape[0] / picked.shape[0]
+
+
+def gram(
+    basis: Basis,
+    update: PyTree,
+    group_of_leaf: tuple[int, ...],
+    n_groups: int,
+    stride: int = 1,
+) -> Gram:
     """Inner products of ``update`` with the basis, summed within each group.
 
     The directions' own Gram matrix is tracked in ``basis.gram`` (``push`` keeps it), so
     this reads each buffer once: ``B`` products with the update and its square norm,
-    written as elementwise products and sums that XLA fuses.
+    written as elementwise products and sums that XLA fuses. With ``stride > 1`` they
+    read every ``stride``-th row of each leaf (``sample_rows``), scaled up to the leaf.
     """
-    size = jax.tree.leaves(basis.vectors)[0].shape[0]
+    size = size_of(basis)
     bu = jnp.zeros((n_groups, size), jnp.float32)
     uu = jnp.zeros((n_groups,), jnp.float32)
-    for g, v, u in zip(
-        group_of_leaf, jax.tree.leaves(basis.vectors), jax.tree.leaves(update), strict=True
-    ):
-        u32 = u.astype(jnp.float32)
-        dots = [jnp.sum(v[b].astype(jnp.float32) * u32) for b in range(size)]
-        bu = bu.at[g].add(jnp.stack(dots))
-        uu = uu.at[g].add(jnp.sum(u32 * u32))
+    for g, v, u in zip(group_of_leaf, slots(basis), jax.tree.leaves(update), strict=True):
+        u32, factor = sample_rows(u, stride)
+        u32 = u32.astype(jnp.float32)
+        dots = [jnp.sum(sample_rows(b, stride)[0].astype(jnp.float32) * u32) for b in v]
+        bu = bu.at[g].add(factor * jnp.stack(dots))
+        uu = uu.at[g].add(factor * jnp.sum(u32 * u32))
     idx = physical_index(basis.head, size)
     return Gram(basis.gram, bu[:, idx], uu)
 
@@ -141,22 +184,28 @@ def push(
 
     ``g`` is ``gram(basis, update, ...)``; the new directions' Gram matrix follows from
     it without another pass over the parameters. With ``keep`` false the basis is
-    returned unchanged; the choice is made inside the in-place writes (a select of the
-    written values, never of whole buffers), so that XLA updates the buffers in place.
+    returned unchanged; the choice is a select of the written values (never a branch
+    over whole buffers), so that XLA fuses it and writes the buffers in place.
     """
     keep = jnp.asarray(keep)
-    size = jax.tree.leaves(basis.vectors)[0].shape[0]
+    size = size_of(basis)
     head = jnp.where(keep, jnp.mod(basis.head + 1, size - 1), basis.head).astype(jnp.int32)
     first = basis.count == 0
 
-    def one(v: jax.Array, u: jax.Array) -> jax.Array:
-        u = u.astype(v.dtype)
-        ema = jnp.where(first, u, decay * v[0] + (1.0 - decay) * u).astype(v.dtype)
-        v = v.at[0].set(jnp.where(keep, ema, v[0]))
-        slot = jax.lax.dynamic_index_in_dim(v, 1 + head, axis=0, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(v, jnp.where(keep, u, slot), 1 + head, axis=0)
+    def ema(e: jax.Array, u: jax.Array) -> jax.Array:
+        u = u.astype(e.dtype)
+        new = jnp.where(first, u, decay * e + (1.0 - decay) * u).astype(e.dtype)
+        return jnp.where(keep, new, e)
 
-    vectors = jax.tree.map(one, basis.vectors, update)
+    def write_ring(r: jax.Array, u: jax.Array) -> jax.Array:
+        u = u.astype(r.dtype)
+        if r.shape[0] == 1:  # elementwise: fuses with the other passes over the update
+            return jnp.where(keep, u[None], r)
+        slot = jax.lax.dynamic_index_in_dim(r, head, axis=0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(r, jnp.where(keep, u, slot), head, axis=0)
+
+    new_ema = jax.tree.map(ema, basis.ema, update)
+    new_ring = jax.tree.map(write_ring, basis.ring, update)
     a = _shift(size, decay, first)  # (B, B+1) over [old directions..., update]
     ext = jnp.concatenate(
         [
@@ -166,7 +215,7 @@ def push(
         axis=1,
     )
     new_gram = jnp.where(keep, jnp.einsum("ij,gjk,lk->gil", a, ext, a), basis.gram)
-    return Basis(vectors, head, basis.count + keep.astype(jnp.int32), new_gram)
+    return Basis(new_ema, new_ring, head, basis.count + keep.astype(jnp.int32), new_gram)
 
 
 def _shift(size: int, decay: float, first: jax.Array | bool = False) -> jax.Array:
@@ -189,9 +238,8 @@ def combine(basis: Basis, coefs: jax.Array, group_of_leaf: tuple[int, ...], like
     idx = physical_index(basis.head, size)
     phys = jnp.zeros_like(coefs).at[:, idx].set(coefs)
     leaves, treedef = jax.tree.flatten(like)
-    vec_leaves = jax.tree.leaves(basis.vectors)
     out = []
-    for g, v, p in zip(group_of_leaf, vec_leaves, leaves, strict=True):
+    for g, v, p in zip(group_of_leaf, slots(basis), leaves, strict=True):
         # An unrolled sum (not a dot) so that XLA fuses it with the parameter write.
         d = sum(phys[g, b] * v[b].astype(jnp.float32) for b in range(size))
         out.append(d.astype(p.dtype))

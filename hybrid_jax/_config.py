@@ -50,6 +50,13 @@ class HybridConfig:
         ``"params"`` (each leaf's own dtype).
       coef_groups: ``"leaf"`` (coefficients per parameter leaf) or ``"global"``.
       fit_ridge: relative ridge of the least-squares fit onto the basis (> 0).
+      sketch_stride: a real step's inner products (the update against the basis, the
+        basis' Gram matrix, the update's and the optimizer moments' norms) read every
+        ``sketch_stride``-th row of each parameter leaf that has at least that many
+        rows (a leaf's rows: its shape as ``(-1, last axis)``), scaled up to the whole
+        leaf; the least-squares targets and the features come from those rows. 1 (the
+        default) reads every element. The gradient norm, and so the check for
+        non-finite gradients, always reads every element.
       confidence_ema_decay: decay of the running realised-accuracy statistic, in [0, 1).
       loss_ema_decay: decay of the running log-loss trend, in [0, 1).
       feature_ema_decay: decay of the encoder's running feature statistics, in [0, 1).
@@ -105,6 +112,7 @@ class HybridConfig:
     basis_dtype: str = "float32"
     coef_groups: str = "leaf"
     fit_ridge: float = 1e-6
+    sketch_stride: int = 1
     confidence_ema_decay: float = 0.8
     loss_ema_decay: float = 0.9
     feature_ema_decay: float = 0.99
@@ -177,6 +185,7 @@ class HybridConfig:
         _one_of("basis_dtype", v.basis_dtype, BASIS_DTYPES)
         _one_of("coef_groups", v.coef_groups, COEF_GROUPS)
         _positive("fit_ridge", v.fit_ridge)
+        _require("sketch_stride", v.sketch_stride, v.sketch_stride >= 1, "must be >= 1")
         _unit("confidence_ema_decay", v.confidence_ema_decay)
         _unit("loss_ema_decay", v.loss_ema_decay)
         _unit("feature_ema_decay", v.feature_ema_decay)

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._basis import sample_rows
+
 PyTree = Any
 
 BASE_FEATURES = (
@@ -68,14 +70,16 @@ def init(basis_size: int) -> EncoderState:
     )
 
 
-def moment_norms(inner_state: PyTree) -> tuple[jax.Array, jax.Array]:
-    """Global norms of the leaves under fields named ``mu`` and ``nu`` (0 if absent)."""
+def moment_norms(inner_state: PyTree, stride: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Global norms of the leaves under fields named ``mu`` and ``nu`` (0 if absent);
+    with ``stride > 1`` estimated from every ``stride``-th row (``_basis.sample_rows``)."""
     sums = {"mu": jnp.zeros((), jnp.float32), "nu": jnp.zeros((), jnp.float32)}
     for path, leaf in jax.tree_util.tree_flatten_with_path(inner_state)[0]:
         names = {getattr(k, "name", None) or getattr(k, "key", None) for k in path}
         for field in sums:
             if field in names and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-                sums[field] = sums[field] + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+                rows, factor = sample_rows(leaf, stride)
+                sums[field] = sums[field] + factor * jnp.sum(jnp.square(rows.astype(jnp.float32)))
     return jnp.sqrt(sums["mu"]), jnp.sqrt(sums["nu"])
 
 

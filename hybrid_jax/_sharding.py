@@ -167,8 +167,9 @@ def state_shardings(tx: Any, params: PyTree, params_shardings: PyTree, mesh: Mes
       (this covers states that do not mirror the tree, with care: when parameters of
       that shape are sharded differently, the leaf is replicated). Other leaves
       (counts, scalars, ...) are replicated.
-    - ``basis.vectors``: ``PartitionSpec(None, *param_spec)`` per leaf (the leading basis
-      axis whole on every device); the rest of the basis is replicated.
+    - ``basis.ema``: the parameters' shardings; ``basis.ring``: ``PartitionSpec(None,
+      *param_spec)`` per leaf (the leading ring axis whole on every device); the rest
+      of the basis is replicated.
     - ``snapshot``: the parameters' shardings.
     - everything else (phase machine, transport, encoder, predictor, statistics,
       counters, residuals, corrector, monitor, bandit): replicated.
@@ -224,12 +225,12 @@ def state_shardings(tx: Any, params: PyTree, params_shardings: PyTree, mesh: Mes
     if not isinstance(abstract, HybridState):
         return inner_shardings(abstract)
     out = jax.tree.map(lambda _: rep, abstract)
-    vectors = jax.tree.map(
+    ring = jax.tree.map(
         lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), params_shardings
     )
     return out._replace(
         inner=inner_shardings(abstract.inner),
-        basis=out.basis._replace(vectors=vectors),
+        basis=out.basis._replace(ema=params_shardings, ring=ring),
         snapshot=params_shardings,
     )
 

@@ -267,7 +267,7 @@ def predictive(
         # gradient and both moments again) inside every fusion that reads the update
         updates, inner_state = jax.lax.optimization_barrier((updates, inner_state))
 
-        g = _basis.gram(state.basis, updates, groups, n_groups)
+        g = _basis.gram(state.basis, updates, groups, n_groups, cfg.sketch_stride)
         target, r2 = _basis.fit(g, cfg.fit_ridge)
         ready = (state.basis.count >= 1) & ~drop
         realised = _basis.cosine(g, peek_coefs)
@@ -307,7 +307,7 @@ def predictive(
             update_norm=update_norm,
             cosine=jnp.where(ready, cos_last, jnp.nan),
             fit_r2=jnp.where(ready, jnp.mean(r2), jnp.nan),
-            moments=_encoder.moment_norms(inner_state),
+            moments=_encoder.moment_norms(inner_state, cfg.sketch_stride),
             phase=state.phase,
             gap=gap,
             phase_position=state.phase_step / jnp.maximum(state.phase_budget, 1),

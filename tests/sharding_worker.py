@@ -226,7 +226,7 @@ def multihost_mode(out: Path, pid: int, port: int) -> None:
     report["steps_per_s"] = (steps - 1) / (t2 - t1)
     report["phases"] = phases
     report["cache_size"] = step._cache_size()
-    report["basis_spec_embed"] = str(state.basis.vectors["embed"].sharding.spec)
+    report["basis_spec_embed"] = str(state.basis.ring["embed"].sharding.spec)
     report["local_shards_embed"] = len(params["embed"].addressable_shards)
     final = multihost_utils.process_allgather(params, tiled=True)
 

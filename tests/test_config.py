@@ -20,6 +20,8 @@ INVALID = [
     ("basis_dtype", "int8"),
     ("coef_groups", "layer"),
     ("fit_ridge", 0.0),
+    ("sketch_stride", 0),
+    ("sketch_stride", 1.5),
     ("confidence_ema_decay", -0.1),
     ("loss_ema_decay", 2.0),
     ("monitor_every", -3),

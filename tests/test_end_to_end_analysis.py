@@ -68,12 +68,28 @@ def test_loss_at_is_the_last_evaluation_not_after_x():
 
 def _rec(arm, seed, scale, steps=20, wall=2.0):
     curve = [
-        dict(p, loss=p["loss"] * scale, wall=p["wall"] * wall / 2.0, backward=p["batches"],
-             forward=p["batches"], predicted=0, phases=0, rollbacks=0)
+        dict(
+            p,
+            loss=p["loss"] * scale,
+            wall=p["wall"] * wall / 2.0,
+            backward=p["batches"],
+            forward=p["batches"],
+            predicted=0,
+            phases=0,
+            rollbacks=0,
+        )
         for p in CURVE
     ]
-    return dict(workload="w", arm=arm, seed=seed, steps=steps, wall=wall, compile_s=1.0,
-                final_loss=curve[-1]["loss"], curve=curve)
+    return dict(
+        workload="w",
+        arm=arm,
+        seed=seed,
+        steps=steps,
+        wall=wall,
+        compile_s=1.0,
+        final_loss=curve[-1]["loss"],
+        curve=curve,
+    )
 
 
 def test_summary_picks_the_tuned_arm_and_measures_speedup_against_it():
@@ -95,8 +111,9 @@ def test_summary_picks_the_tuned_arm_and_measures_speedup_against_it():
 
 def test_run_arm_trains_and_counts(tmp_path):
     wl = e2e.digits_workload(steps=20, eval_every=10, lrs=(1e-3,))
-    cfg = hj.HybridConfig(warmup_steps=2, full_steps=2, correct_steps=1, max_horizon=2,
-                          confidence_threshold=0.0)
+    cfg = hj.HybridConfig(
+        warmup_steps=2, full_steps=2, correct_steps=1, max_horizon=2, confidence_threshold=0.0
+    )
     arm = e2e.Arm("hybrid:last_update", "hybrid", hj.predictive(e2e.adamw(), cfg), 1e-2, 20, 10)
     held = jax.device_put(wl.eval_batches)
     evaluate = lambda p: float(jnp.mean(jax.vmap(wl.loss_fn, (None, 0))(p, held)))

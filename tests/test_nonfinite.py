@@ -19,8 +19,9 @@ def _poison(state, value, where):
             v.reshape(-1)[:: max(1, v.size // 3)] = value
         return jnp.asarray(v)
 
+    b = state.basis
     return state._replace(
-        basis=state.basis._replace(vectors=jax.tree.map(bad, state.basis.vectors))
+        basis=b._replace(ema=jax.tree.map(bad, b.ema), ring=jax.tree.map(bad, b.ring))
     )
 
 
@@ -51,3 +52,16 @@ def test_huge_but_finite_prediction_is_held_back_where_it_would_overflow():
     params, state, m = step(params, state, next(batches))
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
     assert int(m["nonfinite_predictions"]) == 1
+
+
+def test_nonfinite_gradient_outside_the_sketched_rows_is_still_skipped():
+    """With ``sketch_stride`` the inner products read every 4th row; the gradient check
+    still reads everything, so a NaN in row 1 (never sampled) skips the update."""
+    cfg = fast_config(sketch_stride=4, warmup_steps=0)
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    params = {"w": jnp.ones((16, 3), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+    state = tx.init(params)
+    grads = {"w": jnp.full((16, 3), 0.1).at[1, 2].set(jnp.nan), "b": jnp.full((3,), 0.1)}
+    updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0))(grads, state, params)
+    assert int(state.counters.skipped_updates) == 1
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))

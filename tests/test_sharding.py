@@ -102,7 +102,8 @@ def test_rules_and_state_shardings_on_one_device():
     tx = hj.predictive(optax.sgd(0.1, momentum=0.9), hj.HybridConfig(basis_size=3))
     sh = hs.state_shardings(tx, params, fsdp, mesh)
     assert jax.tree.structure(sh) == jax.tree.structure(jax.eval_shape(tx.init, params))
-    assert sh.basis.vectors["w"].spec == P(None, "data", None)
+    assert sh.basis.ring["w"].spec == P(None, "data", None)
+    assert sh.basis.ema["w"] == fsdp["w"]
     assert sh.snapshot["w"] == fsdp["w"] and sh.inner[0].trace["w"] == fsdp["w"]
     assert sh.basis.gram.spec == P() and sh.stats.loss.spec == P()
     # a state that does not mirror the params tree: matched by shape where unambiguous
@@ -206,7 +207,8 @@ def test_fsdp_state_is_sharded_like_params(mesh_run):
     sharded = set()
     for path, (spec, _) in p_specs.items():
         for state_path, expected in [
-            (f".basis.vectors{path}", [None, *spec]),
+            (f".basis.ema{path}", spec),
+            (f".basis.ring{path}", [None, *spec]),
             (f".snapshot{path}", spec),
             (f".inner[0].mu{path}", spec),
             (f".inner[0].nu{path}", spec),
