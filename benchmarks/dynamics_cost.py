@@ -6,7 +6,9 @@ Times (median of repeats, after compiling): a rollout of the RSSM ensemble throu
 prior for horizons 1, 5, 15, 25, 50 and 75 (per horizon step), one online training
 update (``observe``: window BPTT, optimizer step and the rollout it stores), the feature
 encoding, and one bandit select + update. ``--real-step-ms`` gives the real step to
-divide by (e.g. the GPT-2-small figure from ``step_cost.py``).
+divide by (e.g. the GPT-2-small figure from ``step_cost.py``). ``--rollout kernel`` times
+the rollout with the Pallas step kernel (``HybridConfig.rssm_rollout_kernel``) instead
+of XLA operations; ``--profile DIR`` also prints the device's busy time per step.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def main() -> None:
     ap.add_argument("--real-step-ms", type=float, default=0.0)
     ap.add_argument("--out", default="")
     ap.add_argument("--profile", default="", help="trace the rollouts here (device gaps)")
+    ap.add_argument(
+        "--rollout",
+        choices=["xla", "kernel"],
+        default="xla",
+        help="rollout steps as XLA ops or the Pallas kernel (HybridConfig.rssm_rollout_kernel)",
+    )
     args = ap.parse_args()
     g, b = args.groups, args.basis
     base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
@@ -46,7 +54,7 @@ def main() -> None:
     def record(name, seconds, per=1):
         ms = seconds * 1e3 / per
         share = ms / args.real_step_ms if args.real_step_ms else None
-        rows.append(dict(name=name, ms=ms, share_of_real_step=share))
+        rows.append(dict(name=name, ms=ms, share_of_real_step=share, rollout=args.rollout))
         tail = f"  ({100 * share:.3f}% of a real step)" if share else ""
         print(f"{name:34s} {ms * 1e3:10.2f} us{tail}", flush=True)
 
@@ -58,9 +66,11 @@ def main() -> None:
         h = jnp.zeros((s.members, s.hidden), jnp.float32)
         z = jnp.zeros((s.members, s.latent_groups * s.latent_classes), jnp.float32)
 
+        kernel = args.rollout == "kernel"
+
         @jax.jit
         def roll(params, h, z):
-            outs = jax.vmap(lambda p, h, z: _rssm._member_rollout(p, gd, full, h, z))(params, h, z)
+            outs = _rssm._rollout(params, gd, full, h, z, kernel=kernel)
             return _rssm.rollout_summary(outs, full)
 
         def run():
@@ -68,7 +78,10 @@ def main() -> None:
 
         seconds = median_time(run, args.repeats)[0]
         if args.profile:
-            show_timeline(f"H={horizon}", device_timeline(run, f"{args.profile}/h{horizon}"))
+            t = device_timeline(run, f"{args.profile}/h{horizon}")
+            show_timeline(f"H={horizon}", t)
+            if t:
+                print(f"  H={horizon}: device busy {1e3 * t['busy_ms'] / horizon:.2f} us per step")
         return seconds
 
     for horizon in (1, 5, 15, 25, 50, 75):

@@ -73,6 +73,11 @@ class HybridConfig:
       rssm_kl_dyn, rssm_kl_rep: weights of the two KL terms (>= 0).
       rssm_bootstrap: probability that a member trains on a given step, in (0, 1].
       rssm_calibration_forget: forgetting factor of the confidence calibration, in (0, 1].
+      rssm_rollout_kernel: on a GPU, run each rollout step as one Pallas (Triton) kernel
+        after one matrix product, instead of XLA's six or seven kernels (needs
+        ``rssm_hidden``, ``rssm_mlp``, ``rssm_latent_classes`` and their product with
+        ``rssm_latent_groups`` powers of two, ``rssm_mlp <= rssm_hidden``). Off by
+        default: JAX 0.11 deprecates the Pallas Triton backend (a warning per compile).
       rssm_seed: seed of the members' initialisation and sampling.
       verify_tolerance: a Predict phase is rolled back when, on the first real step
         after it, ``loss(new) > (1 + verify_tolerance) * loss(snapshot)`` (>= 0).
@@ -130,6 +135,7 @@ class HybridConfig:
     rssm_kl_rep: float = 0.1
     rssm_bootstrap: float = 0.5
     rssm_calibration_forget: float = 0.99
+    rssm_rollout_kernel: bool = False
     rssm_seed: int = 0
     verify_tolerance: float = 0.02
     correct_predictions: bool = False
@@ -204,6 +210,17 @@ class HybridConfig:
         for name in ("rssm_bootstrap", "rssm_calibration_forget"):
             x = getattr(v, name)
             _require(name, x, math.isfinite(x) and 0 < x <= 1, "must be in (0, 1]")
+        if v.rssm_rollout_kernel:
+            from ._rssm_kernel import supported
+
+            sizes = (v.rssm_hidden, v.rssm_mlp, v.rssm_latent_groups, v.rssm_latent_classes)
+            _require(
+                "rssm_rollout_kernel",
+                True,
+                supported(*sizes),
+                "needs rssm_hidden, rssm_mlp, rssm_latent_classes and "
+                "rssm_latent_groups * rssm_latent_classes powers of two, rssm_mlp <= rssm_hidden",
+            )
         _require(
             "verify_tolerance",
             v.verify_tolerance,

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from . import _rssm_kernel
 from ._encoder import n_features
 from ._predictors import Observation, PredictContext, Prediction, Predictor, PredictorSpec
 
@@ -61,6 +62,7 @@ class RSSMSettings(NamedTuple):
     kl_rep: float = 0.1
     bootstrap: float = 0.5
     calibration_forget: float = 0.99
+    rollout_kernel: bool = False
     horizon: int = 15
     seed: int = 0
     n_features: int = 0
@@ -202,6 +204,39 @@ def _member_rollout(params, gd, s: RSSMSettings, h: jax.Array, z: jax.Array) -> 
     return m.head(jnp.concatenate([hs, zs], axis=-1))
 
 
+def _rollout(params, gd, s: RSSMSettings, h, z, kernel: bool | None = None) -> jax.Array:
+    """Every member's rollout: head outputs (M, H, 1 + G*B).
+
+    With ``s.rollout_kernel`` on a GPU (``kernel=None``), each horizon step after the
+    first is one batched product and one Pallas kernel (``_rssm_kernel``) for every
+    member; otherwise ``_member_rollout`` under ``vmap``. ``kernel=True`` forces the
+    kernel (interpreted off the GPU), ``False`` the plain rollout.
+    """
+    if kernel is None:
+        kernel = s.rollout_kernel and jax.default_backend() == "gpu"
+    if not kernel or s.horizon == 1:
+        return jax.vmap(lambda p, h, z: _member_rollout(p, gd, s, h, z))(params, h, z)
+    w = _rssm_kernel.weights(params)
+    eps = nnx.merge(gd, jax.tree.map(lambda x: x[0], params)).prior.norm.epsilon
+    interpret = jax.default_backend() != "gpu"
+
+    def body(h, _):
+        h_next, z_next = _rssm_kernel.step(
+            w, h, s.latent_groups, s.latent_classes, eps, interpret=interpret
+        )
+        return h_next, (h, z_next)
+
+    h1 = jax.vmap(lambda p, h, z: nnx.merge(gd, p).gru(h, z)[0])(params, h, z)
+    n = s.horizon - 1
+    # unrolled (in blocks): a GPU while loop costs a host round trip per iteration
+    _, (hs, zs) = jax.lax.scan(body, h1, None, length=n, unroll=min(n, 16))
+    hs = jnp.concatenate([h[:, None], jnp.swapaxes(hs, 0, 1)], axis=1)
+    zs = jnp.concatenate([z[:, None], jnp.swapaxes(zs, 0, 1)], axis=1)
+    return jax.vmap(lambda p, hz: nnx.merge(gd, p).head(hz))(
+        params, jnp.concatenate([hs, zs], axis=-1)
+    )
+
+
 def rollout_summary(outs: jax.Array, s: RSSMSettings) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Ensemble mean coefficients (H, G, B), mean log-loss change (H,) in units of the
     running scale, and the relative spread (H,) from member outputs (M, H, 1 + G*B)."""
@@ -226,8 +261,7 @@ def ensemble_rollout(
     loss, (h, z) = jax.vmap(lambda p, b, k: _member_loss(p, gd, s, win, b, k, scale))(
         params, win.boot.T, keys
     )
-    outs = jax.vmap(lambda p, h, z: _member_rollout(p, gd, s, h, z))(params, h, z)
-    coefs, dlog, spread = rollout_summary(outs, s)
+    coefs, dlog, spread = rollout_summary(_rollout(params, gd, s, h, z), s)
     return loss, coefs, dlog, spread
 
 
@@ -338,8 +372,7 @@ def rssm(settings: RSSMSettings) -> Predictor:
         updates, opt_state = jax.vmap(tx().update)(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        outs = jax.vmap(lambda p, h, z: _member_rollout(p, gd, s, h, z))(params, h, z)
-        coefs, dlog_units, spread = rollout_summary(outs, s)
+        coefs, dlog_units, spread = rollout_summary(_rollout(params, gd, s, h, z), s)
         return RSSMState(
             params=params,
             opt_state=opt_state,

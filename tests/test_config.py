@@ -101,3 +101,11 @@ def test_toml_hybrid_table_and_file_loading(tmp_path):
 def test_bad_sources_raise_value_error(tmp_path, make):
     with pytest.raises(ValueError, match="HybridConfig"):
         make(tmp_path)
+
+
+def test_rollout_kernel_needs_power_of_two_sizes():
+    assert hj.HybridConfig(predictor="rssm", rssm_rollout_kernel=True).rssm_rollout_kernel
+    with pytest.raises(ValueError, match=r"HybridConfig\.rssm_rollout_kernel\b.*powers of two"):
+        hj.HybridConfig(rssm_rollout_kernel=True, rssm_hidden=100)
+    with pytest.raises(ValueError, match=r"HybridConfig\.rssm_rollout_kernel\b"):
+        hj.HybridConfig(rssm_rollout_kernel=True, rssm_mlp=512, rssm_hidden=256)

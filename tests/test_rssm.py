@@ -133,3 +133,21 @@ def test_observe_and_predict_keep_shapes_and_compile_once():
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
     assert observe._cache_size() == 1
+
+
+@pytest.mark.parametrize("horizon", [2, 15])
+def test_rollout_kernel_matches_the_module_rollout(horizon):
+    """The Pallas rollout step (interpreted here; compiled through Triton on a GPU) gives
+    the same head outputs as the plain rollout of ``_member_rollout``."""
+    s = SETTINGS._replace(horizon=horizon, n_features=F, n_groups=G, basis_size=B)
+    params = _rssm.rssm(s).init(PredictorSpec(G, B, None)).params
+    k1, k2 = jax.random.split(jax.random.key(horizon))
+    h = jax.random.normal(k1, (s.members, s.hidden))
+    logits = 3.0 * jax.random.normal(k2, (s.members, s.latent_groups * s.latent_classes))
+    # the filter's straight-through samples: one-hot up to rounding
+    z = jax.vmap(lambda x: _rssm._sample(jax.random.key(1), _rssm._probs(x, s)))(logits)
+    gd = _rssm._graphdef(s)
+    got = jax.jit(lambda p, h, z: _rssm._rollout(p, gd, s, h, z, kernel=True))(params, h, z)
+    want = jax.jit(lambda p, h, z: _rssm._rollout(p, gd, s, h, z, kernel=False))(params, h, z)
+    assert got.shape == (s.members, horizon, 1 + G * B)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
