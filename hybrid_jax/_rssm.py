@@ -18,7 +18,9 @@ with free bits per categorical (``kl_dyn`` on ``sg(q) || p``, ``kl_rep`` on
 bootstrap mask, so the members disagree where data is thin.
 
 Prediction: after each training step the filtered latent is rolled out through the
-prior (modes of ``p(z | h)``) for ``horizon`` steps, for every member. The ensemble mean
+prior (modes of ``p(z | h)``) for ``horizon`` steps, for every member (with
+``rollout_kernel`` on a GPU, each step is one product and one Pallas kernel:
+``_rssm_kernel``). The ensemble mean
 gives the coefficients and the loss change for each step of the next Predict phase;
 the members' spread, relative to the mean's size (scale-free), is mapped to a
 confidence by a recursive-least-squares calibration against the realised accuracy
