@@ -216,6 +216,9 @@ def _rollout(params, gd, s: RSSMSettings, h, z, kernel: bool | None = None) -> j
     """
     if kernel is None:
         kernel = s.rollout_kernel and jax.default_backend() == "gpu"
+    sizes = (s.hidden, s.mlp, s.latent_groups, s.latent_classes)
+    if kernel and not _rssm_kernel.supported(*sizes):
+        raise ValueError(f"the rollout kernel needs power-of-two sizes; got {s}")
     if not kernel or s.horizon == 1:
         return jax.vmap(lambda p, h, z: _member_rollout(p, gd, s, h, z))(params, h, z)
     w = _rssm_kernel.weights(params)

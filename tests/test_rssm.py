@@ -151,3 +151,9 @@ def test_rollout_kernel_matches_the_module_rollout(horizon):
     want = jax.jit(lambda p, h, z: _rssm._rollout(p, gd, s, h, z, kernel=False))(params, h, z)
     assert got.shape == (s.members, horizon, 1 + G * B)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_rollout_kernel_refuses_sizes_it_cannot_tile():
+    s = SETTINGS._replace(hidden=48, n_features=F, n_groups=G, basis_size=B)
+    with pytest.raises(ValueError, match="power-of-two"):
+        _rssm._rollout(None, None, s, None, None, kernel=True)
