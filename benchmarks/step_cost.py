@@ -142,6 +142,7 @@ def main() -> None:
         "--sketch-strides", default="1", help="comma list of HybridConfig.sketch_stride values"
     )
     ap.add_argument("--predictor", default="last_update", help="last_update, extrapolate, rssm")
+    ap.add_argument("--rssm-train-every", type=int, default=1, help="HybridConfig.rssm_train_every")
     ap.add_argument(
         "--variants", default="cond", help="comma list: cond,delta_cond,while,dispatched"
     )
@@ -158,7 +159,10 @@ def main() -> None:
     inner = optax.adamw(3e-4)
     # the monitor stays silent, so that its verdicts cannot move the pinned phase
     cfg = hj.HybridConfig(
-        basis_dtype=args.basis_dtype, predictor=args.predictor, monitor_warmup=2**30
+        basis_dtype=args.basis_dtype,
+        predictor=args.predictor,
+        rssm_train_every=args.rssm_train_every,
+        monitor_warmup=2**30,
     )
     strides = [int(x) for x in args.sketch_strides.split(",")]
     tx = hj.predictive(inner, cfg)
@@ -178,6 +182,7 @@ def main() -> None:
                 basis_dtype=args.basis_dtype,
                 predictor=args.predictor,
                 sketch_stride=stride,
+                rssm_train_every=args.rssm_train_every,
                 steps_per_loop=n,
             )
         )

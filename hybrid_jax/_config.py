@@ -73,6 +73,9 @@ class HybridConfig:
       rssm_kl_dyn, rssm_kl_rep: weights of the two KL terms (>= 0).
       rssm_bootstrap: probability that a member trains on a given step, in (0, 1].
       rssm_calibration_forget: forgetting factor of the confidence calibration, in (0, 1].
+      rssm_train_every: the RSSM takes an optimizer step on every this-many-th real step
+        it observes (>= 1); on the others it only filters its window (a forward pass),
+        so that its rollout starts from the newest step.
       rssm_rollout_kernel: on a GPU, run each rollout step as one Pallas (Triton) kernel
         after one matrix product, instead of XLA's six or seven kernels (needs
         ``rssm_hidden``, ``rssm_mlp``, ``rssm_latent_classes`` and their product with
@@ -135,6 +138,7 @@ class HybridConfig:
     rssm_kl_rep: float = 0.1
     rssm_bootstrap: float = 0.5
     rssm_calibration_forget: float = 0.99
+    rssm_train_every: int = 1
     rssm_rollout_kernel: bool = False
     rssm_seed: int = 0
     verify_tolerance: float = 0.02
@@ -202,6 +206,7 @@ class HybridConfig:
             "rssm_latent_classes", v.rssm_latent_classes, v.rssm_latent_classes >= 2, "must be >= 2"
         )
         _require("rssm_window", v.rssm_window, v.rssm_window >= 2, "must be >= 2")
+        _require("rssm_train_every", v.rssm_train_every, v.rssm_train_every >= 1, "must be >= 1")
         for name in ("rssm_learning_rate", "rssm_grad_clip"):
             _positive(name, getattr(v, name))
         for name in ("rssm_free_bits", "rssm_kl_dyn", "rssm_kl_rep"):

@@ -11,7 +11,9 @@ running scale) and the next step's coefficients over the basis, per group.
 Training (``observe``, on every real step after warmup): the observation enters a ring
 window of the last ``window`` real steps; one optimizer step (Adam with gradient
 clipping) on the window's loss by truncated back-propagation through time
-(``lax.scan``): squared errors of both heads against the next real step (pairs across a
+(``lax.scan``), on every ``train_every``-th observation (the others only filter the
+window with the current parameters, so that the rollout starts from the newest step):
+squared errors of both heads against the next real step (pairs across a
 Predict phase are left out), the decoder's reconstruction error, plus the KL terms
 with free bits per categorical (``kl_dyn`` on ``sg(q) || p``, ``kl_rep`` on
 ``q || sg(p)``). Each member weighs each step by its own
@@ -65,6 +67,7 @@ class RSSMSettings(NamedTuple):
     bootstrap: float = 0.5
     calibration_forget: float = 0.99
     rollout_kernel: bool = False
+    train_every: int = 1
     horizon: int = 15
     seed: int = 0
     n_features: int = 0
@@ -121,6 +124,7 @@ class RSSMState(NamedTuple):
     dlog_scale: jax.Array  # running RMS of the log-loss change
     train_loss: jax.Array  # last training loss (mean over members)
     updates: jax.Array  # int32: training steps taken
+    observed: jax.Array  # int32: observations seen
     key: jax.Array  # uint32 key data
 
 
@@ -326,6 +330,7 @@ def rssm(settings: RSSMSettings) -> Predictor:
             dlog_scale=jnp.asarray(1e-2, jnp.float32),
             train_loss=jnp.asarray(jnp.nan, jnp.float32),
             updates=jnp.zeros((), jnp.int32),
+            observed=jnp.zeros((), jnp.int32),
             key=jax.random.key_data(keys[0]),
         )
 
@@ -365,17 +370,34 @@ def rssm(settings: RSSMSettings) -> Predictor:
         scale = jnp.sqrt(0.99 * state.dlog_scale**2 + 0.01 * dlog**2)
         scale = jnp.maximum(scale, 1e-6)
 
-        # one training step on the window, every member
+        # one training step on the window, every member (every ``train_every``-th
+        # observation; the others only filter the window with the current parameters)
         chrono = _chronological(win)
         member_keys = jax.random.split(k_train, s.members)
         grad_fn = jax.value_and_grad(_member_loss, has_aux=True)
 
-        def one(params, boot, k):
-            return grad_fn(params, gd, s, chrono, boot, k, scale)
+        def train(params, opt_state):
+            def one(p, boot, k):
+                return grad_fn(p, gd, s, chrono, boot, k, scale)
 
-        (loss, (h, z)), grads = jax.vmap(one)(state.params, chrono.boot.T, member_keys)
-        updates, opt_state = jax.vmap(tx().update)(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            (loss, (h, z)), grads = jax.vmap(one)(params, chrono.boot.T, member_keys)
+            updates, opt_state = jax.vmap(tx().update)(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, jnp.mean(loss), h, z
+
+        def filter_only(params, opt_state):
+            def one(p, boot, k):
+                return _member_loss(p, gd, s, chrono, boot, k, scale)[1]
+
+            h, z = jax.vmap(one)(params, chrono.boot.T, member_keys)
+            return params, opt_state, state.train_loss, h, z
+
+        trained = jnp.mod(state.observed, s.train_every) == 0
+        if s.train_every == 1:
+            params, opt_state, loss, h, z = train(state.params, state.opt_state)
+        else:
+            params, opt_state, loss, h, z = jax.lax.cond(
+                trained, train, filter_only, state.params, state.opt_state
+            )
 
         coefs, dlog_units, spread = rollout_summary(_rollout(params, gd, s, h, z), s)
         return RSSMState(
@@ -388,8 +410,9 @@ def rssm(settings: RSSMSettings) -> Predictor:
             calib_w=calib_w,
             calib_p=calib_p,
             dlog_scale=scale,
-            train_loss=jnp.mean(loss),
-            updates=state.updates + 1,
+            train_loss=loss,
+            updates=state.updates + trained.astype(jnp.int32),
+            observed=state.observed + 1,
             key=jax.random.key_data(key),
         )
 

@@ -21,6 +21,7 @@ INVALID = [
     ("coef_groups", "layer"),
     ("fit_ridge", 0.0),
     ("sketch_stride", 0),
+    ("rssm_train_every", 0),
     ("sketch_stride", 1.5),
     ("confidence_ema_decay", -0.1),
     ("loss_ema_decay", 2.0),

@@ -157,3 +157,20 @@ def test_rollout_kernel_refuses_sizes_it_cannot_tile():
     s = SETTINGS._replace(hidden=48, n_features=F, n_groups=G, basis_size=B)
     with pytest.raises(ValueError, match="power-of-two"):
         _rssm._rollout(None, None, s, None, None, kernel=True)
+
+
+def test_train_every_trains_on_every_kth_observation_and_refilters_the_rest():
+    pred = _rssm.rssm(SETTINGS._replace(members=2, hidden=16, mlp=16, window=4, train_every=3))
+    state = pred.init(PredictorSpec(G, B, None))
+    observe = jax.jit(pred.observe)
+    params, rollouts = [], []
+    for t in range(1, 8):
+        state = observe(state, observation(t, jnp.ones((G, B))))
+        params.append(jax.tree.leaves(state.params)[0])
+        rollouts.append(state.rollout_coefs)
+    assert int(state.observed) == 7 and int(state.updates) == 3  # observations 1, 4 and 7
+    moved = [not np.array_equal(params[i], params[i - 1]) for i in range(1, 7)]
+    assert moved == [False, False, True, False, False, True]
+    # every observation refreshes the rollout from the newest filtered state
+    assert all(not np.array_equal(rollouts[i], rollouts[i - 1]) for i in range(1, 7))
+    assert observe._cache_size() == 1
