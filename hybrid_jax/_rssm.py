@@ -227,12 +227,9 @@ def _rollout(params, gd, s: RSSMSettings, h, z, kernel: bool | None = None) -> j
         return jax.vmap(lambda p, h, z: _member_rollout(p, gd, s, h, z))(params, h, z)
     w = _rssm_kernel.weights(params)
     eps = nnx.merge(gd, jax.tree.map(lambda x: x[0], params)).prior.norm.epsilon
-    interpret = jax.default_backend() != "gpu"
 
-    def body(h, _):
-        h_next, z_next = _rssm_kernel.step(
-            w, h, s.latent_groups, s.latent_classes, eps, interpret=interpret
-        )
+    def body(h, _):  # the kernel is interpreted off the GPU (see ``_rssm_kernel.step``)
+        h_next, z_next = _rssm_kernel.step(w, h, s.latent_groups, s.latent_classes, eps)
         return h_next, (h, z_next)
 
     h1 = jax.vmap(lambda p, h, z: nnx.merge(gd, p).gru(h, z)[0])(params, h, z)
