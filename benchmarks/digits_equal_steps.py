@@ -1,10 +1,12 @@
 """Held-out loss at an equal number of steps: hybrid vs plain AdamW on scikit-learn digits.
 
     python benchmarks/digits_equal_steps.py [--steps 1000] [--seeds 3] [--sketch-stride 1]
+        [--observe-every 1]
 
 For each learning rate and each hybrid schedule (horizon H, Correct steps C), the same
 seeds and the same data order are used for both arms; the table gives the share of
-backward passes skipped and the ratio of mean held-out losses (hybrid / AdamW).
+backward passes skipped and the ratio of mean held-out losses (hybrid / AdamW); with
+``--observe-every k`` also the share of real steps the hybrid observed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def run(split, tx, steps, seed, batch_size=64):
         for _ in range(steps):
             params, state, m = step(params, state, next(stream))
         backward = int(m["backward_passes"])
+        observed = int(state.counters.observed_steps) / max(int(state.counters.real_steps), 1)
     else:
 
         @jax.jit
@@ -44,8 +47,8 @@ def run(split, tx, steps, seed, batch_size=64):
 
         for _ in range(steps):
             params, state = step(params, state, next(stream))
-        backward = steps
-    return float(tasks.mlp_loss(params, (split.x_test, split.y_test))), backward
+        backward, observed = steps, 1.0
+    return float(tasks.mlp_loss(params, (split.x_test, split.y_test))), backward, observed
 
 
 def main() -> None:
@@ -62,12 +65,16 @@ def main() -> None:
         help="confidence_threshold for every predictor (default: the config's)",
     )
     ap.add_argument("--sketch-stride", type=int, default=1, help="HybridConfig.sketch_stride")
+    ap.add_argument("--observe-every", type=int, default=1, help="HybridConfig.observe_every")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     split = tasks.digits(0)
     seeds = range(args.seeds)
     rows = []
-    print(f"{'lr':>7} {'predictor':>12} {'HxC':>5} {'skipped':>8} {'ratio':>7}  per-seed ratios")
+    print(
+        f"{'lr':>7} {'predictor':>12} {'HxC':>5} {'skipped':>8} {'observed':>8} {'ratio':>7}"
+        "  per-seed ratios"
+    )
     for lr in map(float, args.lrs.split(",")):
         base = [run(split, optax.adamw(lr), args.steps, s)[0] for s in seeds]
         for pred in args.predictors.split(","):
@@ -82,6 +89,7 @@ def main() -> None:
                     max_horizon=h,
                     predictor=pred,
                     sketch_stride=args.sketch_stride,
+                    observe_every=args.observe_every,
                     **extra,
                 )
                 res = [
@@ -89,10 +97,12 @@ def main() -> None:
                 ]
                 hyb = [r[0] for r in res]
                 skipped = 1.0 - np.mean([r[1] for r in res]) / args.steps
+                observed = float(np.mean([r[2] for r in res]))
                 ratio = float(np.mean(hyb) / np.mean(base))
                 per = np.round(np.array(hyb) / np.array(base), 3).tolist()
                 print(
-                    f"{lr:7.0e} {pred:>12} {sched:>5} {skipped:8.3f} {ratio:7.3f}  {per}",
+                    f"{lr:7.0e} {pred:>12} {sched:>5} {skipped:8.3f} {observed:8.3f} "
+                    f"{ratio:7.3f}  {per}",
                     flush=True,
                 )
                 rows.append(
@@ -109,6 +119,8 @@ def main() -> None:
                         hybrid=hyb,
                         steps=args.steps,
                         sketch_stride=args.sketch_stride,
+                        observe_every=args.observe_every,
+                        observed=observed,
                     )
                 )
     print(json.dumps(environment()))

@@ -10,7 +10,9 @@ compiling and warming up; the figure is the median over repeats. The hybrid's ph
 forced (a Full phase or a Predict phase with a huge budget) so that one compiled step
 is timed in each branch (``--variants dispatched``: each of the programs of
 ``hj.make_dispatched_step``, chosen on the host; ``--sketch-strides 1,16`` times each
-variant with each ``HybridConfig.sketch_stride``). ``--fused`` also times ``lax.scan``
+variant with each ``HybridConfig.sketch_stride``; ``--observe-every 1,4`` with each
+``HybridConfig.observe_every``, where a loop of real steps is then the mix of observed
+and unobserved real steps that the setting gives). ``--fused`` also times ``lax.scan``
 loops of steps, which take Python dispatch out of the figures for small models.
 """
 
@@ -144,6 +146,9 @@ def main() -> None:
     ap.add_argument("--predictor", default="last_update", help="last_update, extrapolate, rssm")
     ap.add_argument("--rssm-train-every", type=int, default=1, help="HybridConfig.rssm_train_every")
     ap.add_argument(
+        "--observe-every", default="1", help="comma list of HybridConfig.observe_every values"
+    )
+    ap.add_argument(
         "--variants", default="cond", help="comma list: cond,delta_cond,while,dispatched"
     )
     ap.add_argument("--skip-baselines", action="store_true", help="only the hybrid variants")
@@ -169,7 +174,7 @@ def main() -> None:
     fresh = lambda: jax.tree.map(jnp.copy, params0)
     rows = []
 
-    def record(mode, seconds, spread, compile_s, copies=None, stride=1):
+    def record(mode, seconds, spread, compile_s, copies=None, stride=1, observe_every=1):
         rows.append(
             dict(
                 model=args.model,
@@ -183,6 +188,7 @@ def main() -> None:
                 predictor=args.predictor,
                 sketch_stride=stride,
                 rssm_train_every=args.rssm_train_every,
+                observe_every=observe_every,
                 steps_per_loop=n,
             )
         )
@@ -256,11 +262,16 @@ def main() -> None:
         "while": lambda tx: while_step(loss_fn, tx),
         "dispatched": lambda tx: hj.make_dispatched_step(loss_fn, tx),
     }
-    hybrid_runs = [(v, k) for k in strides for v in args.variants.split(",")]
-    for variant, stride in hybrid_runs:
-        tx = hj.predictive(inner, dataclasses.replace(cfg, sketch_stride=stride))
+    observe = [int(x) for x in args.observe_every.split(",")]
+    hybrid_runs = [(v, k, o) for o in observe for k in strides for v in args.variants.split(",")]
+    for variant, stride, every in hybrid_runs:
+        tx = hj.predictive(
+            inner, dataclasses.replace(cfg, sketch_stride=stride, observe_every=every)
+        )
         if stride != 1:
             variant = f"{variant}/{stride}"
+        if every != 1:  # a timed loop of real steps then mixes observed and plain ones
+            variant = f"{variant}/observe{every}"
         p = fresh()
         state = tx.init(p)
         if variant.startswith("dispatched"):  # four programs, compiled on first use of each
@@ -283,7 +294,11 @@ def main() -> None:
         for phase, label in [(hj.FULL, "real"), (hj.PREDICT, "predicted")]:
             mode = f"hybrid[{variant}] {label}"
             t, s, (p, state) = time_loop(compiled, (p, forced(state, phase)), batches, mode)
-            record(mode, t, s, cs, copies, stride)
+            record(mode, t, s, cs, copies, stride, every)
+        if copies is None:  # the dispatched step: how often each program ran
+            counts = dict(zip(hj._dispatch.KIND_NAMES, compiled.kind_counts, strict=True))
+            rows[-1]["kind_counts"] = counts
+            print(f"  programs run (all loops): {counts}", flush=True)
         if timelines.get("adamw") and f"hybrid[{variant}] real" in timelines:
             print(f"device time that hybrid[{variant}] real adds to adamw, by kernel (ms/loop):")
             for k, v in timeline_diff(timelines["adamw"], timelines[f"hybrid[{variant}] real"], 25):

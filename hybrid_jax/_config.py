@@ -57,6 +57,16 @@ class HybridConfig:
         leaf; the least-squares targets and the features come from those rows. 1 (the
         default) reads every element. The gradient norm, and so the check for
         non-finite gradients, always reads every element.
+      observe_every: of every this many real steps (>= 1), the hybrid observes two in a
+        row (pushes them into the basis, fits them, encodes them, trains its predictor
+        on them): a pair, so that one-step changes can still be learnt. The real steps
+        between are the inner optimizer's step with the non-finite check, the loss
+        statistics and the monitor only. A real step that verifies a Predict phase, or
+        after which one may start (the phase ends and the last real step's confidence
+        passes the threshold), is always observed; only observed steps start Predict
+        phases, and with ``observe_every > 2`` they do so on the confidence of the real
+        step before (as ``make_dispatched_step`` always does). 1 (the default) and 2
+        observe every real step.
       confidence_ema_decay: decay of the running realised-accuracy statistic, in [0, 1).
       loss_ema_decay: decay of the running log-loss trend, in [0, 1).
       feature_ema_decay: decay of the encoder's running feature statistics, in [0, 1).
@@ -121,6 +131,7 @@ class HybridConfig:
     coef_groups: str = "leaf"
     fit_ridge: float = 1e-6
     sketch_stride: int = 1
+    observe_every: int = 1
     confidence_ema_decay: float = 0.8
     loss_ema_decay: float = 0.9
     feature_ema_decay: float = 0.99
@@ -196,6 +207,7 @@ class HybridConfig:
         _one_of("coef_groups", v.coef_groups, COEF_GROUPS)
         _positive("fit_ridge", v.fit_ridge)
         _require("sketch_stride", v.sketch_stride, v.sketch_stride >= 1, "must be >= 1")
+        _require("observe_every", v.observe_every, v.observe_every >= 1, "must be >= 1")
         _unit("confidence_ema_decay", v.confidence_ema_decay)
         _unit("loss_ema_decay", v.loss_ema_decay)
         _unit("feature_ema_decay", v.feature_ema_decay)

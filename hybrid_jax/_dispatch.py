@@ -13,6 +13,9 @@ verify         the same, plus the forward pass at the snapshot that checks the
                Predict phase that just ended
 predict_first  the first predicted step of a Predict phase: writes the snapshot
 predict        a predicted step
+plain          a real step the transformation does not observe (only with
+               ``HybridConfig.observe_every > 2``): the optimizer's step, the
+               non-finite check, the loss statistics and the monitor
 =============  ==============================================================
 
 The kind of step ``t + 1`` must be known before step ``t`` has finished, or the host
@@ -31,7 +34,10 @@ update); each program checks on the device what the state wants:
 - a real program on a state whose Predict phase is about to start delays that phase by
   this one real step; in the middle of a Predict phase it ends the phase, which the next
   ``verify`` step checks;
-- a ``real`` step on a state that awaits verification leaves the check to the next step.
+- a ``real`` step on a state that awaits verification leaves the check to the next step;
+- a ``plain`` step on a state that wants an observation takes the step unobserved (the
+  observation, and any Predict phase, waits for the next real step), and a ``real``
+  step on a state that wants none observes it anyway.
 
 Without such events, and where the confidence does not cross the threshold between two
 real steps, the sequence of steps is the one ``hybrid_step`` takes, and so are the
@@ -56,38 +62,56 @@ from ._transform import PredictiveTransformation
 
 PyTree = Any
 
-REAL, VERIFY, PREDICT_FIRST, PREDICT = 0, 1, 2, 3
-KIND_NAMES = ("real", "verify", "predict_first", "predict")
+REAL, VERIFY, PREDICT_FIRST, PREDICT, PLAIN = 0, 1, 2, 3, 4
+KIND_NAMES = ("real", "verify", "predict_first", "predict", "plain")
 
 
-def kind_of(state: HybridState) -> jax.Array:
+def kinds_used(tx: PredictiveTransformation) -> tuple[int, ...]:
+    """The kinds of program ``tx`` can need (``plain`` only with ``observe_every > 2``)."""
+    return (REAL, VERIFY, PREDICT_FIRST, PREDICT) + (
+        (PLAIN,) if tx.config.observe_every > 2 else ()
+    )
+
+
+def kind_of(state: HybridState, tx: PredictiveTransformation) -> jax.Array:
     """The kind of step that ``state`` wants next (int32, one of ``KIND_NAMES``)."""
     in_predict = state.phase == _phases.PREDICT
+    real = jnp.where(tx.observes(state), REAL, PLAIN)
     return jnp.where(
         in_predict,
         jnp.where(state.phase_step == 0, PREDICT_FIRST, PREDICT),
-        jnp.where(state.pending_verify, VERIFY, REAL),
+        jnp.where(state.pending_verify, VERIFY, real),
     ).astype(jnp.int32)
 
 
 def kind_after_next(state: HybridState, tx: PredictiveTransformation) -> jax.Array:
-    """A guess of the kind of the step after the next one: the next step taken as usual."""
+    """A guess of the kind of the step after the next one: the next step taken as usual
+    (and the last real step's confidence taken to be the next one's)."""
     cfg = tx.config
-    kind = kind_of(state)
+    kind = kind_of(state, tx)
+    predicting = (kind == PREDICT_FIRST) | (kind == PREDICT)
     predicted_next = jnp.where(state.phase_step + 1 < state.phase_budget, PREDICT, VERIFY)
     conf = state.stats.confidence
-    can_predict = jnp.isfinite(conf) & (conf >= cfg.confidence_threshold)
+    can_predict = jnp.isfinite(conf) & (conf >= cfg.confidence_threshold) & (kind != PLAIN)
     ph = _phases.Phase(state.phase, state.phase_step, state.phase_budget, state.consecutive)
     ph = _phases.advance(ph, cfg, can_predict, state.phase_budget)
-    real_next = jnp.where(ph.phase == _phases.PREDICT, PREDICT_FIRST, REAL)
-    return jnp.where(kind >= PREDICT_FIRST, predicted_next, real_next).astype(jnp.int32)
+    enc = state.encoder
+    seen = kind != PLAIN  # the next step is observed
+    unobserved = jnp.where(seen, 0, enc.unobserved + 1)
+    gap = state.step - enc.last_real_step
+    streak = jnp.where(seen, jnp.where((gap == 1) & (enc.streak > 0), enc.streak + 1, 1), 0)
+    observed = _phases.observation_due(cfg, ph, unobserved, streak == 1, jnp.asarray(False), conf)
+    real_next = jnp.where(
+        ph.phase == _phases.PREDICT, PREDICT_FIRST, jnp.where(observed, REAL, PLAIN)
+    )
+    return jnp.where(predicting, predicted_next, real_next).astype(jnp.int32)
 
 
 def _choose(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
-def _real_program(with_aux, tx, verify: bool):
+def _real_program(with_aux, tx, verify: bool, observe: bool = True):
     cfg = tx.config
 
     def program(params: PyTree, state: HybridState, batch: Any):
@@ -105,7 +129,7 @@ def _real_program(with_aux, tx, verify: bool):
         if verify:
             snap_loss = with_aux(start.snapshot, batch)[0].astype(jnp.float32)
         params, new, aux = real_branch(
-            with_aux, tx, params, start, batch, snap_loss, dispatched=True
+            with_aux, tx, params, start, batch, snap_loss, dispatched=True, observe=observe
         )
         # a Predict phase about to start starts one step later
         kept = (state.phase, state.phase_step, state.phase_budget, state.consecutive)
@@ -162,7 +186,7 @@ class DispatchedStep:
     every program on the ``extra`` arguments of the call (e.g. to set a learning rate
     from the global step: ``step(params, state, batch, t)``); it must leave the phase
     machine as it is. ``metrics_fn(state)`` (default ``hj.metrics``) gives what each call
-    returns as its metrics, computed inside the programs. Each of the four programs is
+    returns as its metrics, computed inside the programs. Each program is
     compiled once, on first use, or all of them up front by ``compile(params, state,
     batch)``; ``compiled_kinds`` lists those compiled so far and ``kind_counts`` how
     often each ran. The host reads one int32
@@ -197,7 +221,7 @@ class DispatchedStep:
         self._compiled: dict[int, Any] = {}
         self._pending: collections.deque = collections.deque()
         self._last_state: HybridState | None = None
-        self.kind_counts = [0, 0, 0, 0]
+        self.kind_counts = [0] * len(KIND_NAMES)
 
     @property
     def compiled_kinds(self) -> list[str]:
@@ -206,8 +230,8 @@ class DispatchedStep:
     def _program(self, kind: int, params: PyTree, batch: Any) -> Callable[..., Any]:
         if kind not in self._programs:
             tx, with_aux = self.tx, self._with_aux
-            if kind in (REAL, VERIFY):
-                body = _real_program(with_aux, tx, verify=kind == VERIFY)
+            if kind in (REAL, VERIFY, PLAIN):
+                body = _real_program(with_aux, tx, verify=kind == VERIFY, observe=kind != PLAIN)
             else:
                 aux_shape = jax.eval_shape(with_aux, params, batch)[1]
                 body = _predicted_program(with_aux, tx, kind == PREDICT_FIRST, aux_shape)
@@ -224,10 +248,11 @@ class DispatchedStep:
         return self._programs[kind]
 
     def compile(self, params: PyTree, state: HybridState, batch: Any, *extra: Any) -> float:
-        """Compiles all four programs now for these shapes (nothing runs, nothing is
-        donated), so that no compilation happens mid-run; returns the seconds taken."""
+        """Compiles every program the transformation can need (``kinds_used``) now for
+        these shapes (nothing runs, nothing is donated), so that no compilation happens
+        mid-run; returns the seconds taken."""
         t0 = time.perf_counter()
-        for kind in range(len(KIND_NAMES)):
+        for kind in kinds_used(self.tx):
             program = self._program(kind, params, batch)
             self._compiled[kind] = program.lower(params, state, batch, *extra).compile()
         return time.perf_counter() - t0
@@ -235,7 +260,7 @@ class DispatchedStep:
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
         if state is not self._last_state or not self._pending:
             # a state from outside: its kind and the guess after it, read now
-            now, ahead = jax.device_get((kind_of(state), kind_after_next(state, self.tx)))
+            now, ahead = jax.device_get((kind_of(state, self.tx), kind_after_next(state, self.tx)))
             self._pending = collections.deque([int(ahead)])
             kind = int(now)
         else:
@@ -259,7 +284,8 @@ def make_dispatched_step(
     prepare: Callable[..., HybridState] | None = None,
 ) -> DispatchedStep:
     """Like ``make_hybrid_step``, without a ``lax.cond`` around the step: the host picks
-    one of four compiled programs a step ahead (see ``hybrid_jax._dispatch``).
+    one of four compiled programs (five with ``observe_every > 2``) a step ahead (see
+    ``hybrid_jax._dispatch``).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss``, or ``-> (loss, aux)`` with ``has_aux``.

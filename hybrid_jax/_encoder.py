@@ -52,12 +52,14 @@ def n_features(basis_size: int) -> int:
 
 
 class EncoderState(NamedTuple):
-    """Running normalisation statistics (float32) and the step of the last real step."""
+    """Running normalisation statistics (float32) and where the last observed real step was."""
 
     mean: jax.Array  # (F,)
     var: jax.Array  # (F,)
     count: jax.Array  # (F,) observations seen per feature
-    last_real_step: jax.Array  # int32
+    last_real_step: jax.Array  # int32: step index of the last observed real step
+    unobserved: jax.Array  # int32: real steps since then that were not observed
+    streak: jax.Array  # int32: observed real steps in a row up to the last real step
 
 
 def init(basis_size: int) -> EncoderState:
@@ -67,6 +69,8 @@ def init(basis_size: int) -> EncoderState:
         jnp.ones((f,), jnp.float32),
         jnp.zeros((f,), jnp.float32),
         jnp.full((), -1, jnp.int32),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
     )
 
 

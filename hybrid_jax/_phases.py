@@ -90,3 +90,29 @@ def full_phase(n: jax.Array | int) -> Phase:
         phase_budget=jnp.maximum(jnp.asarray(n, jnp.int32), 1),
         consecutive=jnp.zeros((), jnp.int32),
     )
+
+
+def observation_due(
+    cfg: HybridConfig,
+    ph: Phase,
+    unobserved: jax.Array,
+    pair_open: jax.Array,
+    pending_verify: jax.Array,
+    confidence: jax.Array,
+) -> jax.Array:
+    """Whether a real step taken now in phase ``ph`` is observed (``cfg.observe_every``).
+
+    Observations come in pairs of consecutive real steps, so that one-step changes can
+    be learnt: a step is observed when ``observe_every - 2`` real steps have gone
+    unobserved, when it completes a pair (``pair_open``: the step before it was
+    observed, and the one before that was not), when it verifies a Predict phase, and
+    when a Predict phase may start after it: the phase ends with it and ``confidence``
+    (the last real step's) passes the threshold.
+    """
+    if cfg.observe_every <= 2:
+        return jnp.asarray(True)
+    ending = ((ph.phase == FULL) | (ph.phase == CORRECT)) & (ph.phase_step + 1 >= ph.phase_budget)
+    ending = ending & (ph.consecutive < cfg.max_consecutive_predicts)
+    may_start = ending & jnp.isfinite(confidence) & (confidence >= cfg.confidence_threshold)
+    due = unobserved + 2 >= cfg.observe_every
+    return due | pair_open | pending_verify | may_start

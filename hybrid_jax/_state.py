@@ -36,6 +36,7 @@ class Counters(NamedTuple):
     backward_passes: jax.Array
     forward_passes: jax.Array
     real_steps: jax.Array
+    observed_steps: jax.Array  # real steps the hybrid observed (see ``observe_every``)
     predicted_steps: jax.Array
     predict_phases: jax.Array
     nonfinite_predictions: jax.Array  # predicted steps in which a non-finite value was held back

@@ -130,12 +130,19 @@ def real_branch(
     snap_loss: jax.Array | None,
     *,
     dispatched: bool = False,
+    observe: bool | None = None,
 ) -> tuple[PyTree, HybridState, Any]:
     """A real step: gradient, the transformation's real update, rollback applied exactly."""
     (loss, aux), grads = jax.value_and_grad(with_aux, has_aux=True)(params, batch)
     snapshot = state.snapshot
     updates, state = tx.real_update(
-        grads, state, params, value=loss, snapshot_value=snap_loss, dispatched=dispatched
+        grads,
+        state,
+        params,
+        value=loss,
+        snapshot_value=snap_loss,
+        dispatched=dispatched,
+        observe=observe,
     )
     if dispatched and snap_loss is None:  # cannot roll back (see ``real_update``)
         return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), state, aux

@@ -130,7 +130,7 @@ def make_train_step(
         chosen = DispatchedStep(loss_fn, tx, metrics_fn=lambda s: _pack(metrics(s)))
 
         def dispatched_step(params, state, batch):
-            if not chosen.compiled_kinds:  # all four now, inside the first (compile) step
+            if not chosen.compiled_kinds:  # all of them now, inside the first (compile) step
                 chosen.compile(params, state, batch)
             return chosen(params, state, batch)
 

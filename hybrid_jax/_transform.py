@@ -30,6 +30,8 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
     ``init`` and ``update`` behave as in optax. The extras (attributes):
 
     - ``needs_gradient(state) -> bool[]``: whether the next step is a real step;
+    - ``observes(state) -> bool[]``: whether a real step taken now is observed
+      (``HybridConfig.observe_every``);
     - ``real_update(grads, state, params, *, value=None, snapshot_value=None,
       **extra_args)``: a real step (``snapshot_value``: the loss at ``state.snapshot`` on
       the same batch, for verification);
@@ -44,6 +46,7 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
         update: Callable[..., Any],
         *,
         needs_gradient: Callable[[HybridState], jax.Array],
+        observes: Callable[[HybridState], jax.Array],
         real_update: Callable[..., Any],
         predicted_update: Callable[..., Any],
         config: HybridConfig,
@@ -51,6 +54,7 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
     ) -> PredictiveTransformation:
         self = super().__new__(cls, init, update)
         self.needs_gradient = needs_gradient
+        self.observes = observes
         self.real_update = real_update
         self.predicted_update = predicted_update
         self.config = config
@@ -68,7 +72,8 @@ def predictive(
 
     On real steps the wrapped optimizer's update is applied and recorded: it enters
     the basis of directions, and its least-squares fit onto the previous basis trains
-    the predictor. In a Predict phase the gradient is ignored and the update is
+    the predictor (with ``config.observe_every = k > 2``, on two consecutive real
+    steps of every k; the others only apply the update, see ``HybridConfig``). In a Predict phase the gradient is ignored and the update is
     ``sum_b c_b direction_b`` with coefficients from the predictor.
 
     Safety: a Predict phase starts from a snapshot of the parameters; the first real
@@ -95,7 +100,9 @@ def predictive(
       ``real_update`` also takes ``dispatched=True`` (used by ``make_dispatched_step``):
       the snapshot is then written by the Predict phase's first step, a step without
       ``snapshot_value`` neither verifies nor rolls back (the phase stays pending), and
-      a Predict phase starts on the previous real step's confidence.
+      a Predict phase starts on the previous real step's confidence. ``observe=True`` or
+      ``False`` fixes whether the real step is observed (see ``observe_every``; by
+      default ``observes(state)`` decides, with a ``lax.cond`` when ``observe_every > 2``).
 
     Example:
       >>> tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(warmup_steps=10))
@@ -180,6 +187,18 @@ def predictive(
     def needs_gradient(state: HybridState) -> jax.Array:
         return state.phase != _phases.PREDICT
 
+    def observes(state: HybridState) -> jax.Array:
+        enc = state.encoder
+        pair_open = (enc.streak == 1) & (state.step - enc.last_real_step == 1)
+        return _phases.observation_due(
+            cfg,
+            phase_of(state),
+            enc.unobserved,
+            pair_open,
+            state.pending_verify,
+            state.stats.confidence,
+        )
+
     def phase_of(state: HybridState) -> _phases.Phase:
         return _phases.Phase(state.phase, state.phase_step, state.phase_budget, state.consecutive)
 
@@ -223,10 +242,37 @@ def predictive(
         value: jax.Array | None = None,
         snapshot_value: jax.Array | None = None,
         dispatched: bool = False,
+        observe: bool | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, HybridState]:
         if params is None:
             raise ValueError("hj.predictive: update needs params")
+        if observe is None and cfg.observe_every > 2:
+            return jax.lax.cond(
+                observes(state),
+                lambda s: real_update(
+                    grads,
+                    s,
+                    params,
+                    value=value,
+                    snapshot_value=snapshot_value,
+                    dispatched=dispatched,
+                    observe=True,
+                    **extra_args,
+                ),
+                lambda s: real_update(
+                    grads,
+                    s,
+                    params,
+                    value=value,
+                    snapshot_value=snapshot_value,
+                    dispatched=dispatched,
+                    observe=False,
+                    **extra_args,
+                ),
+                state,
+            )
+        observe = True if observe is None else bool(observe)
         groups, n_groups = layout(params)
         st = state.stats
         loss = jnp.asarray(jnp.nan if value is None else value, jnp.float32)
@@ -241,7 +287,8 @@ def predictive(
         peek_coefs, peek_dlog = corrected(state, peek)
         prev_known = jnp.isfinite(st.loss_level) & (st.loss_level > 0)
         one_step = jnp.where(prev_known, st.loss_level * jnp.exp(peek_dlog), jnp.nan)
-        verifying = state.pending_verify & (snapshot_value is not None)
+        # an unobserved step never verifies: the check waits for an observed one
+        verifying = state.pending_verify & (snapshot_value is not None) & observe
         snap = jnp.asarray(jnp.nan if snapshot_value is None else snapshot_value, jnp.float32)
         tolerated = (1.0 + cfg.verify_tolerance) * snap
         accepted = verifying & jnp.isfinite(snap) & loss_ok & (loss <= tolerated)
@@ -263,19 +310,29 @@ def predictive(
         updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
         updates = jax.tree.map(lambda u: jnp.where(drop, jnp.zeros_like(u), u), updates)
         inner_state = choose(drop, state.inner, inner_state)
-        # computed once: otherwise XLA recomputes the optimizer's arithmetic (reading the
-        # gradient and both moments again) inside every fusion that reads the update
-        updates, inner_state = jax.lax.optimization_barrier((updates, inner_state))
+        if observe:
+            # computed once: otherwise XLA recomputes the optimizer's arithmetic (reading
+            # the gradient and both moments again) inside every fusion that reads the
+            # update. An unobserved step only adds the update to the parameters: there
+            # the optimizer's pass, the select and that addition fuse into one.
+            updates, inner_state = jax.lax.optimization_barrier((updates, inner_state))
 
-        g = _basis.gram(state.basis, updates, groups, n_groups, cfg.sketch_stride)
-        target, r2 = _basis.fit(g, cfg.fit_ridge)
-        ready = (state.basis.count >= 1) & ~drop
-        realised = _basis.cosine(g, peek_coefs)
-        first = state.basis.count == 1
-        running = jnp.where(first, realised, ema(st.accuracy, realised, cfg.confidence_ema_decay))
-        accuracy = jnp.where(ready, running, st.accuracy)
-        last_dir = jnp.zeros((n_groups, size), jnp.float32).at[:, 0].set(1.0)
-        cos_last = jnp.where(ready, _basis.cosine(g, last_dir), 0.0)
+        if observe:
+            g = _basis.gram(state.basis, updates, groups, n_groups, cfg.sketch_stride)
+            target, r2 = _basis.fit(g, cfg.fit_ridge)
+            ready = (state.basis.count >= 1) & ~drop
+            # the one-step accuracy: measured only where no real step went unobserved
+            one_step_ok = ready & (state.encoder.unobserved == 0)
+            realised = _basis.cosine(g, peek_coefs)
+            first = state.basis.count == 1
+            running = jnp.where(
+                first, realised, ema(st.accuracy, realised, cfg.confidence_ema_decay)
+            )
+            accuracy = jnp.where(one_step_ok, running, st.accuracy)
+            last_dir = jnp.zeros((n_groups, size), jnp.float32).at[:, 0].set(1.0)
+            cos_last = jnp.where(ready, _basis.cosine(g, last_dir), 0.0)
+        else:  # an unobserved step: the statistics of the last observed one stand
+            ready, accuracy, cos_last = jnp.asarray(False), st.accuracy, st.cosine
 
         # The loss level: an EMA of real-step losses (flagged losses left out). Its change is
         # what the predictors learn and predict: minibatch noise mostly averaged away.
@@ -294,66 +351,80 @@ def predictive(
             known, ema(st.log_loss_trend, dlog, cfg.loss_ema_decay), st.log_loss_trend
         )
 
-        update_norm = jnp.sqrt(jnp.sum(g.uu))
-        basis = _basis.push(state.basis, updates, g, cfg.basis_ema_decay, keep=~drop)
-        enc = state.encoder
-        gap = jnp.where(enc.last_real_step >= 0, state.step - enc.last_real_step, 1).astype(
-            jnp.int32
-        )
-        raw = _encoder.raw_features(
-            loss=loss,
-            log_loss_change=jnp.where(known, dlog, jnp.nan),
-            grad_norm=grad_norm,
-            update_norm=update_norm,
-            cosine=jnp.where(ready, cos_last, jnp.nan),
-            fit_r2=jnp.where(ready, jnp.mean(r2), jnp.nan),
-            moments=_encoder.moment_norms(inner_state, cfg.sketch_stride),
-            phase=state.phase,
-            gap=gap,
-            phase_position=state.phase_step / jnp.maximum(state.phase_budget, 1),
-            mean_coefs=jnp.where(ready, jnp.mean(target, axis=0), jnp.nan),
-        )
-        enc, features = _encoder.normalise(enc, raw, cfg.feature_ema_decay)
-        enc = enc._replace(last_real_step=state.step)
-        obs = Observation(
-            target_coefs=target,
-            fit_r2=r2,
-            loss=loss,
-            log_loss_change=dlog,
-            grad_norm=grad_norm,
-            update_norm=update_norm,
-            cosine=cos_last,
-            step=state.step,
-            gap=gap,
-            realised_cosine=jnp.where(ready, realised, jnp.nan),
-            features=features,
-        )
-        learning = ready & (state.phase != _phases.WARMUP)
-        dynamics = jax.lax.cond(learning, pred.observe, lambda s, o: s, state.dynamics, obs)
+        if observe:
+            update_norm = jnp.sqrt(jnp.sum(g.uu))
+            basis = _basis.push(state.basis, updates, g, cfg.basis_ema_decay, keep=~drop)
+            enc = state.encoder
+            gap = jnp.where(enc.last_real_step >= 0, state.step - enc.last_real_step, 1).astype(
+                jnp.int32
+            )
+            raw = _encoder.raw_features(
+                loss=loss,
+                log_loss_change=jnp.where(known, dlog, jnp.nan),
+                grad_norm=grad_norm,
+                update_norm=update_norm,
+                cosine=jnp.where(ready, cos_last, jnp.nan),
+                fit_r2=jnp.where(ready, jnp.mean(r2), jnp.nan),
+                moments=_encoder.moment_norms(inner_state, cfg.sketch_stride),
+                phase=state.phase,
+                gap=gap,
+                phase_position=state.phase_step / jnp.maximum(state.phase_budget, 1),
+                mean_coefs=jnp.where(ready, jnp.mean(target, axis=0), jnp.nan),
+            )
+            enc, features = _encoder.normalise(enc, raw, cfg.feature_ema_decay)
+            streak = jnp.where((gap == 1) & (enc.streak > 0), enc.streak + 1, 1)
+            enc = enc._replace(
+                last_real_step=state.step,
+                unobserved=jnp.zeros((), jnp.int32),
+                streak=streak.astype(jnp.int32),
+            )
+            obs = Observation(
+                target_coefs=target,
+                fit_r2=r2,
+                loss=loss,
+                log_loss_change=dlog,
+                grad_norm=grad_norm,
+                update_norm=update_norm,
+                cosine=cos_last,
+                step=state.step,
+                gap=gap,
+                realised_cosine=jnp.where(ready, realised, jnp.nan),
+                features=features,
+            )
+            learning = ready & (state.phase != _phases.WARMUP)
+            dynamics = jax.lax.cond(learning, pred.observe, lambda s, o: s, state.dynamics, obs)
 
-        # residuals and the corrector learn from one-step predictions of consecutive steps
-        consecutive = ready & (gap == 1) & jnp.isfinite(realised)
-        residuals = _residuals.record(
-            state.residuals,
-            pred_coefs=peek_coefs,
-            true_coefs=target,
-            pred_dlog=peek_dlog,
-            true_dlog=dlog,
-            features=features,
-            horizon=jnp.int32(1),
-            confidence=st.confidence,
-            keep=consecutive,
-        )
-        raw_coefs = jnp.asarray(peek.coefs, jnp.float32)
-        corrector = _residuals.update(
-            state.corrector,
-            pred_coefs=raw_coefs,
-            true_coefs=target,
-            pred_dlog=jnp.asarray(peek.log_loss_change, jnp.float32),
-            true_dlog=dlog,
-            forget=cfg.corrector_forget,
-            keep=consecutive & known,
-        )
+            # residuals and the corrector learn from one-step predictions of consecutive steps
+            consecutive = ready & (gap == 1) & jnp.isfinite(realised)
+            residuals = _residuals.record(
+                state.residuals,
+                pred_coefs=peek_coefs,
+                true_coefs=target,
+                pred_dlog=peek_dlog,
+                true_dlog=dlog,
+                features=features,
+                horizon=jnp.int32(1),
+                confidence=st.confidence,
+                keep=consecutive,
+            )
+            raw_coefs = jnp.asarray(peek.coefs, jnp.float32)
+            corrector = _residuals.update(
+                state.corrector,
+                pred_coefs=raw_coefs,
+                true_coefs=target,
+                pred_dlog=jnp.asarray(peek.log_loss_change, jnp.float32),
+                true_dlog=dlog,
+                forget=cfg.corrector_forget,
+                keep=consecutive & known,
+            )
+        else:
+            update_norm = jnp.full((), jnp.nan, jnp.float32)
+            basis, dynamics = state.basis, state.dynamics
+            residuals, corrector = state.residuals, state.corrector
+            enc = state.encoder._replace(
+                unobserved=state.encoder.unobserved + 1, streak=jnp.zeros((), jnp.int32)
+            )
+            features = jnp.zeros((n_feat,), jnp.float32)
 
         # bandit: verified progress per unit of cost, in units of recent real-step progress
         h_done = state.last.horizon.astype(jnp.float32)
@@ -362,13 +433,15 @@ def predictive(
         cost = h_done * cfg.predicted_step_cost + cfg.verify_cost
         reward = jnp.clip(progress / per_step / cost, -100.0, 100.0)
         learn_arm = verifying & (state.bandit.last_arm >= 0) & jnp.isfinite(reward)
-        bandit = _bandit.update(
-            state.bandit,
-            state.bandit.last_arm,
-            state.bandit.last_context,
-            jnp.where(learn_arm, reward, jnp.nan),
-            cfg.bandit_discount,
-        )
+        bandit = state.bandit
+        if observe:
+            bandit = _bandit.update(
+                bandit,
+                bandit.last_arm,
+                bandit.last_context,
+                jnp.where(learn_arm, reward, jnp.nan),
+                cfg.bandit_discount,
+            )
         scale = jnp.where(
             verdict.shrink_horizon, state.horizon_scale * cfg.horizon_shrink, state.horizon_scale
         )
@@ -376,18 +449,24 @@ def predictive(
         scale = jnp.where(accepted, jnp.minimum(scale * 2.0, 1.0), scale)
         scale = jnp.maximum(scale, scale_floor)
 
-        nxt, _ = pred.predict(dynamics, PredictContext(jnp.int32(0), accuracy, trend))
-        confidence = jnp.clip(jnp.asarray(nxt.confidence, jnp.float32), 0.0, 1.0)
+        if observe:
+            nxt, _ = pred.predict(dynamics, PredictContext(jnp.int32(0), accuracy, trend))
+            confidence = jnp.clip(jnp.asarray(nxt.confidence, jnp.float32), 0.0, 1.0)
+            fresh_ok = jnp.isfinite(nxt.confidence)
+        else:  # the predictor did not move: its confidence stands
+            confidence, fresh_ok = st.confidence, jnp.isfinite(st.confidence)
         context = jnp.concatenate([features, jnp.ones((1,), jnp.float32)])
         planned = state._replace(horizon_scale=scale, bandit=bandit)
         next_h, arm = plan_horizon(planned, confidence, context)
-        healthy = ~skip & jnp.isfinite(update_norm)
+        healthy = ~skip & (jnp.isfinite(update_norm) if observe else True)
         # a dispatched step decides on the confidence of the real step before it, which
-        # is what the host's guess a step earlier was based on
-        gate = st.confidence if dispatched else confidence
-        gate_ok = jnp.isfinite(st.confidence) if dispatched else jnp.isfinite(nxt.confidence)
+        # is what the host's guess a step earlier was based on (and what decides whether
+        # a step is observed: so too with ``observe_every > 2``)
+        early = dispatched or cfg.observe_every > 2
+        gate = st.confidence if early else confidence
+        gate_ok = jnp.isfinite(st.confidence) if early else fresh_ok
         can_predict = healthy & gate_ok & (gate >= cfg.confidence_threshold)
-        can_predict = can_predict & ~verdict.force_real & ~rollback
+        can_predict = can_predict & ~verdict.force_real & ~rollback & observe
 
         ph = _phases.advance(phase_of(state), cfg, can_predict, next_h)
         ph = choose(verdict.force_real, _phases.full_phase(cfg.full_steps), ph)
@@ -401,9 +480,9 @@ def predictive(
             accuracy=accuracy,
             confidence=confidence,
             grad_norm=grad_norm,
-            update_norm=update_norm,
+            update_norm=update_norm if observe else st.update_norm,
             cosine=cos_last,
-            fit_r2=jnp.where(ready, jnp.mean(r2), st.fit_r2),
+            fit_r2=jnp.where(ready, jnp.mean(r2), st.fit_r2) if observe else st.fit_r2,
             predicted_log_loss=st.predicted_log_loss,
         )
         i32 = lambda b: b.astype(jnp.int32)
@@ -412,6 +491,7 @@ def predictive(
             backward_passes=c.backward_passes + 1,
             forward_passes=c.forward_passes + 1 + i32(verifying),
             real_steps=c.real_steps + 1,
+            observed_steps=c.observed_steps + int(observe),
             verifications=c.verifications + i32(verifying),
             rollbacks=c.rollbacks + i32(rollback),
             skipped_updates=c.skipped_updates + i32(skip),
@@ -459,9 +539,10 @@ def predictive(
             last=last,
             snapshot=snapshot,
             snapshot_valid=entering | (state.snapshot_valid & ~verifying & ~rollback),
-            # a dispatched real step without the snapshot's loss leaves the check to the next
+            # a dispatched real step without the snapshot's loss, or an unobserved one,
+            # leaves the check to the next
             pending_verify=(state.pending_verify & ~verifying)
-            if dispatched
+            if dispatched or not observe
             else jnp.asarray(False),
             horizon_scale=scale,
             residuals=residuals,
@@ -565,6 +646,7 @@ def predictive(
         init,
         update,
         needs_gradient=needs_gradient,
+        observes=observes,
         real_update=real_update,
         predicted_update=predicted_update,
         config=cfg,

@@ -21,6 +21,8 @@ INVALID = [
     ("coef_groups", "layer"),
     ("fit_ridge", 0.0),
     ("sketch_stride", 0),
+    ("observe_every", 0),
+    ("observe_every", 2.0),
     ("rssm_train_every", 0),
     ("sketch_stride", 1.5),
     ("confidence_ema_decay", -0.1),

@@ -59,8 +59,8 @@ def test_same_steps_and_parameters_as_hybrid_step(digits_batches):
     )
     tx = hj.predictive(optax.adamw(1e-3), cfg)
     step, state = _compare(tx, digits_batches[:200])
-    assert step.compiled_kinds == list(_dispatch.KIND_NAMES)
-    assert all(n > 0 for n in step.kind_counts)
+    assert step.compiled_kinds == ["real", "verify", "predict_first", "predict"]
+    assert all(n > 0 for n in step.kind_counts[:4]) and step.kind_counts[4] == 0
     assert int(state.counters.predicted_steps) > 50
 
 
@@ -121,7 +121,7 @@ def test_real_program_delays_a_starting_predict_phase(digits_batches, warm):
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params), strict=True)
     )
-    assert int(_dispatch.kind_of(s)) == _dispatch.PREDICT_FIRST
+    assert int(_dispatch.kind_of(s, step.tx)) == _dispatch.PREDICT_FIRST
 
 
 def test_real_program_ends_a_predict_phase_under_way_and_verify_checks_it(digits_batches, warm):
@@ -137,7 +137,7 @@ def test_real_program_ends_a_predict_phase_under_way_and_verify_checks_it(digits
     p, s, m, _, _ = _call(step, _dispatch.REAL, params, state, digits_batches[40])
     assert int(s.phase) == hj.CORRECT and bool(s.pending_verify)
     assert not bool(m["rolled_back"]) and not bool(m["verified"])
-    assert int(_dispatch.kind_of(s)) == _dispatch.VERIFY
+    assert int(_dispatch.kind_of(s, step.tx)) == _dispatch.VERIFY
     _, s2, m2, _, _ = _call(step, _dispatch.VERIFY, p, s, digits_batches[41])
     assert bool(m2["verified"]) and not bool(s2.pending_verify)
 
@@ -159,7 +159,7 @@ def test_foreign_state_resyncs_and_each_program_compiles_once(digits_batches):
         for b in digits_batches[:120]:
             params, state, _ = step(params, state, b)
         seen = traces[0]
-        assert step.compiled_kinds == list(_dispatch.KIND_NAMES)
+        assert step.compiled_kinds == ["real", "verify", "predict_first", "predict"]
         for b in digits_batches[120:180]:
             params, state, _ = step(params, state, b)
     assert traces[0] == seen
@@ -226,3 +226,20 @@ def test_prepare_sets_the_learning_rate_from_the_global_step(digits_batches):
     assert float(lr) == pytest.approx(1e-3 / (1.0 + 0.05 * 39))
     assert int(sa.counters.predicted_steps) > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), pa, pb)
+
+
+def test_same_steps_with_unobserved_real_steps(digits_batches):
+    cfg = hj.HybridConfig(
+        warmup_steps=20,
+        full_steps=8,
+        correct_steps=5,
+        max_horizon=4,
+        min_horizon=3,
+        confidence_threshold=0.0,
+        observe_every=4,
+    )
+    tx = hj.predictive(optax.adamw(1e-3), cfg)
+    step, state = _compare(tx, digits_batches[:150])
+    assert step.kind_counts[_dispatch.PLAIN] > 20
+    assert 0 < int(state.counters.observed_steps) < int(state.counters.real_steps)
+    assert int(state.counters.predicted_steps) > 20

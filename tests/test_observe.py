@@ -1,0 +1,103 @@
+"""`HybridConfig.observe_every`: which real steps the hybrid observes, and what the others do."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from conftest import SAFETY_OFF, quadratic_batches, quadratic_loss, quadratic_params
+
+import hybrid_jax as hj
+from hybrid_jax import _dispatch
+
+
+def _full(state, budget=10_000):
+    """The state pinned in a long Full phase."""
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    return state._replace(phase=i32(hj.FULL), phase_step=i32(0), phase_budget=i32(budget))
+
+
+def test_pairs_of_observed_steps_and_plain_steps_in_between():
+    """In a long Full phase, observe_every=5 observes 2 consecutive real steps of every 5;
+    an unobserved step leaves the basis, the encoder statistics and the predictor alone
+    and still applies exactly the inner optimizer's update."""
+    cfg = hj.HybridConfig(warmup_steps=0, observe_every=5, **SAFETY_OFF)
+    inner = optax.adam(1e-2)
+    tx = hj.predictive(inner, cfg)
+    params = quadratic_params()
+    state = _full(tx.init(params))
+    ref_params, ref_state = quadratic_params(), inner.init(quadratic_params())
+    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
+    pattern = []
+    for batch in quadratic_batches(15):
+        loss, grads = jax.value_and_grad(quadratic_loss)(params, batch)
+        updates, new = update(grads, state, params, loss)
+        observed = int(new.counters.observed_steps) - int(state.counters.observed_steps)
+        pattern.append(observed)
+        if not observed:
+            assert int(new.basis.count) == int(state.basis.count)
+            jax.tree.map(np.testing.assert_array_equal, new.basis, state.basis)
+            np.testing.assert_array_equal(new.encoder.mean, state.encoder.mean)
+            assert np.isnan(float(new.last.update_norm))
+        else:
+            assert int(new.basis.count) == int(state.basis.count) + 1
+        params, state = optax.apply_updates(params, updates), new
+        # the same as the inner optimizer alone, observed or not
+        ref_grads = jax.grad(quadratic_loss)(ref_params, batch)
+        ref_updates, ref_state = inner.update(ref_grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, ref_params)
+    assert pattern == [0, 0, 0, 1, 1] * 3
+    assert int(state.counters.real_steps) == 15 and int(state.counters.observed_steps) == 6
+
+
+def test_one_and_two_observe_every_real_step():
+    for k in (1, 2):
+        cfg = hj.HybridConfig(warmup_steps=0, observe_every=k)
+        tx = hj.predictive(optax.adam(1e-2), cfg)
+        state = _full(tx.init(quadratic_params()))
+        assert bool(tx.observes(state))
+        assert _dispatch.kinds_used(tx) == (0, 1, 2, 3)
+
+
+def test_unobserved_step_skips_a_nonfinite_gradient():
+    cfg = hj.HybridConfig(warmup_steps=0, observe_every=8)
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    params = quadratic_params()
+    state = _full(tx.init(params))
+    assert not bool(tx.observes(state))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    grads["w"] = grads["w"].at[2, 1].set(jnp.inf)
+    updates, new = jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0))(grads, state, params)
+    assert int(new.counters.skipped_updates) == 1 and int(new.counters.observed_steps) == 0
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    jax.tree.map(np.testing.assert_array_equal, new.inner, state.inner)
+
+
+def test_verification_and_the_step_before_a_predict_phase_are_observed():
+    cfg = hj.HybridConfig(warmup_steps=0, observe_every=50, full_steps=7, confidence_threshold=0.0)
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    state = tx.init(quadratic_params())
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    mid = state._replace(
+        phase=i32(hj.FULL),
+        phase_step=i32(2),
+        stats=state.stats._replace(confidence=jnp.float32(0.5)),
+    )
+    last = mid._replace(phase_step=i32(6))
+    assert not bool(tx.observes(mid))
+    assert bool(tx.observes(last))  # the phase ends and the confidence passes: it may start
+    low = last._replace(stats=last.stats._replace(confidence=jnp.float32(jnp.nan)))
+    assert not bool(tx.observes(low))
+    assert bool(tx.observes(mid._replace(pending_verify=jnp.asarray(True))))
+
+
+def test_an_unobserved_step_leaves_a_pending_verification_to_the_next():
+    cfg = hj.HybridConfig(warmup_steps=0, observe_every=8)
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    params = quadratic_params()
+    state = _full(tx.init(params))._replace(pending_verify=jnp.asarray(True))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    _, new = tx.real_update(grads, state, params, value=1.0, snapshot_value=1.0, observe=False)
+    assert bool(new.pending_verify) and int(new.counters.verifications) == 0
+    _, new = tx.real_update(grads, state, params, value=1.0, snapshot_value=1.0)
+    assert not bool(new.pending_verify) and int(new.counters.verifications) == 1
