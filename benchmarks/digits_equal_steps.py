@@ -1,7 +1,7 @@
 """Held-out loss at an equal number of steps: hybrid vs plain AdamW on scikit-learn digits.
 
     python benchmarks/digits_equal_steps.py [--steps 1000] [--seeds 3] [--sketch-stride 1]
-        [--observe-every 1]
+        [--observe-every 1] [--rssm-train-every 1]
 
 For each learning rate and each hybrid schedule (horizon H, Correct steps C), the same
 seeds and the same data order are used for both arms; the table gives the share of
@@ -66,6 +66,7 @@ def main() -> None:
     )
     ap.add_argument("--sketch-stride", type=int, default=1, help="HybridConfig.sketch_stride")
     ap.add_argument("--observe-every", type=int, default=1, help="HybridConfig.observe_every")
+    ap.add_argument("--rssm-train-every", type=int, default=1, help="HybridConfig.rssm_train_every")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     split = tasks.digits(0)
@@ -90,6 +91,7 @@ def main() -> None:
                     predictor=pred,
                     sketch_stride=args.sketch_stride,
                     observe_every=args.observe_every,
+                    rssm_train_every=args.rssm_train_every,
                     **extra,
                 )
                 res = [
@@ -121,6 +123,7 @@ def main() -> None:
                         sketch_stride=args.sketch_stride,
                         observe_every=args.observe_every,
                         observed=observed,
+                        rssm_train_every=args.rssm_train_every,
                     )
                 )
     print(json.dumps(environment()))

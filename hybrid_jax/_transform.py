@@ -73,8 +73,9 @@ def predictive(
     On real steps the wrapped optimizer's update is applied and recorded: it enters
     the basis of directions, and its least-squares fit onto the previous basis trains
     the predictor (with ``config.observe_every = k > 2``, on two consecutive real
-    steps of every k; the others only apply the update, see ``HybridConfig``). In a Predict phase the gradient is ignored and the update is
-    ``sum_b c_b direction_b`` with coefficients from the predictor.
+    steps of every k; the others only apply the update, see ``HybridConfig``). In a
+    Predict phase the gradient is ignored and the update is ``sum_b c_b direction_b``
+    with coefficients from the predictor.
 
     Safety: a Predict phase starts from a snapshot of the parameters; the first real
     step after it compares the loss at the snapshot and at the new parameters on the
@@ -248,30 +249,20 @@ def predictive(
         if params is None:
             raise ValueError("hj.predictive: update needs params")
         if observe is None and cfg.observe_every > 2:
-            return jax.lax.cond(
-                observes(state),
-                lambda s: real_update(
+
+            def branch(seen: bool) -> Callable[[HybridState], Any]:
+                return lambda s: real_update(
                     grads,
                     s,
                     params,
                     value=value,
                     snapshot_value=snapshot_value,
                     dispatched=dispatched,
-                    observe=True,
+                    observe=seen,
                     **extra_args,
-                ),
-                lambda s: real_update(
-                    grads,
-                    s,
-                    params,
-                    value=value,
-                    snapshot_value=snapshot_value,
-                    dispatched=dispatched,
-                    observe=False,
-                    **extra_args,
-                ),
-                state,
-            )
+                )
+
+            return jax.lax.cond(observes(state), branch(True), branch(False), state)
         observe = True if observe is None else bool(observe)
         groups, n_groups = layout(params)
         st = state.stats
