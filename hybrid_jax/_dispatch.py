@@ -54,7 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _phases
+from . import _encoder, _phases
 from ._metrics import metrics
 from ._state import HybridState
 from ._step import _missing, loss_with_aux, predicted_branch, real_branch
@@ -98,8 +98,7 @@ def kind_after_next(state: HybridState, tx: PredictiveTransformation) -> jax.Arr
     enc = state.encoder
     seen = kind != PLAIN  # the next step is observed
     unobserved = jnp.where(seen, 0, enc.unobserved + 1)
-    gap = state.step - enc.last_real_step
-    streak = jnp.where(seen, jnp.where((gap == 1) & (enc.streak > 0), enc.streak + 1, 1), 0)
+    streak = jnp.where(seen, _encoder.streak_after_observing(enc, state.step), 0)
     observed = _phases.observation_due(cfg, ph, unobserved, streak == 1, jnp.asarray(False), conf)
     real_next = jnp.where(
         ph.phase == _phases.PREDICT, PREDICT_FIRST, jnp.where(observed, REAL, PLAIN)

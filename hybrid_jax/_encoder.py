@@ -74,6 +74,13 @@ def init(basis_size: int) -> EncoderState:
     )
 
 
+def streak_after_observing(state: EncoderState, step: jax.Array) -> jax.Array:
+    """``streak`` once the real step at ``step`` is observed: one more when the step
+    before it was an observed real step, else 1."""
+    consecutive = (step - state.last_real_step == 1) & (state.streak > 0)
+    return jnp.where(consecutive, state.streak + 1, 1).astype(jnp.int32)
+
+
 def moment_norms(inner_state: PyTree, stride: int = 1) -> tuple[jax.Array, jax.Array]:
     """Global norms of the leaves under fields named ``mu`` and ``nu`` (0 if absent);
     with ``stride > 1`` estimated from every ``stride``-th row (``_basis.sample_rows``)."""

@@ -307,8 +307,6 @@ def predictive(
             # update. An unobserved step only adds the update to the parameters: there
             # the optimizer's pass, the select and that addition fuse into one.
             updates, inner_state = jax.lax.optimization_barrier((updates, inner_state))
-
-        if observe:
             g = _basis.gram(state.basis, updates, groups, n_groups, cfg.sketch_stride)
             target, r2 = _basis.fit(g, cfg.fit_ridge)
             ready = (state.basis.count >= 1) & ~drop
@@ -363,11 +361,10 @@ def predictive(
                 mean_coefs=jnp.where(ready, jnp.mean(target, axis=0), jnp.nan),
             )
             enc, features = _encoder.normalise(enc, raw, cfg.feature_ema_decay)
-            streak = jnp.where((gap == 1) & (enc.streak > 0), enc.streak + 1, 1)
             enc = enc._replace(
                 last_real_step=state.step,
                 unobserved=jnp.zeros((), jnp.int32),
-                streak=streak.astype(jnp.int32),
+                streak=_encoder.streak_after_observing(state.encoder, state.step),
             )
             obs = Observation(
                 target_coefs=target,
