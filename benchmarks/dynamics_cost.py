@@ -8,7 +8,9 @@ update (``observe``: window BPTT, optimizer step and the rollout it stores), the
 encoding, and one bandit select + update. ``--real-step-ms`` gives the real step to
 divide by (e.g. the GPT-2-small figure from ``step_cost.py``). ``--rollout kernel`` times
 the rollout with the Pallas step kernel (``HybridConfig.rssm_rollout_kernel``) instead
-of XLA operations; ``--profile DIR`` also prints the device's busy time per step.
+of XLA operations; ``--profile DIR`` also prints the device's busy time per step, and
+per horizon step added between consecutive horizons (the rollout's fixed part, its first
+step, heads and summary, cancels there). ``--horizons`` and ``--rollout-only`` narrow it.
 """
 
 from __future__ import annotations
@@ -45,16 +47,19 @@ def main() -> None:
         default="xla",
         help="rollout steps as XLA ops or the Pallas kernel (HybridConfig.rssm_rollout_kernel)",
     )
+    ap.add_argument("--horizons", default="1,5,15,25,50,75")
+    ap.add_argument("--rollout-only", action="store_true", help="skip the other pieces")
     args = ap.parse_args()
     g, b = args.groups, args.basis
     base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
     f = _encoder.n_features(b)
-    rows = []
+    rows, busy = [], {}
 
-    def record(name, seconds, per=1):
+    def record(name, seconds, per=1, **extra):
         ms = seconds * 1e3 / per
         share = ms / args.real_step_ms if args.real_step_ms else None
-        rows.append(dict(name=name, ms=ms, share_of_real_step=share, rollout=args.rollout))
+        row = dict(name=name, ms=ms, share_of_real_step=share, rollout=args.rollout, **extra)
+        rows.append(row)
         tail = f"  ({100 * share:.3f}% of a real step)" if share else ""
         print(f"{name:34s} {ms * 1e3:10.2f} us{tail}", flush=True)
 
@@ -81,11 +86,36 @@ def main() -> None:
             t = device_timeline(run, f"{args.profile}/h{horizon}")
             show_timeline(f"H={horizon}", t)
             if t:
+                busy[horizon] = t["busy_ms"]
                 print(f"  H={horizon}: device busy {1e3 * t['busy_ms'] / horizon:.2f} us per step")
+                top = sorted(t["ms_by_name"].items(), key=lambda kv: -kv[1])[:4]
+                print("  longest events (ms in all):", [(k[:40], round(v, 4)) for k, v in top])
         return seconds
 
-    for horizon in (1, 5, 15, 25, 50, 75):
-        record(f"rollout per horizon step (H={horizon})", rollout_seconds(horizon), horizon)
+    for horizon in map(int, args.horizons.split(",")):
+        seconds = rollout_seconds(horizon)
+        extra = {"busy_ms": busy[horizon]} if horizon in busy else {}
+        record(f"rollout per horizon step (H={horizon})", seconds, horizon, **extra)
+    # what one more horizon step costs the device: the rollout's fixed part cancels
+    for lo, hi in zip(sorted(busy), sorted(busy)[1:], strict=False):
+        us = 1e3 * (busy[hi] - busy[lo]) / (hi - lo)
+        print(f"device busy per added horizon step, H={lo}..{hi}: {us:.2f} us")
+        rows.append(dict(name=f"busy per added horizon step (H={lo}..{hi})", ms=us / 1e3))
+    if not args.rollout_only:
+        other_pieces(args, record)
+    env = environment()
+    print(json.dumps(env))
+    if args.out:
+        with open(args.out, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({**r, **vars(args), **env}) + "\n")
+
+
+def other_pieces(args, record):
+    """The online training update, the feature encoding and the bandit."""
+    g, b = args.groups, args.basis
+    base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
+    f = _encoder.n_features(b)
 
     pred = _rssm.rssm(base)
     state = pred.init(PredictorSpec(g, b, None))
@@ -144,12 +174,6 @@ def main() -> None:
 
     t, _ = median_time(lambda: select_update(bandit, ctx), args.repeats)
     record("bandit select + update", t)
-    env = environment()
-    print(json.dumps(env))
-    if args.out:
-        with open(args.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps({**r, **vars(args), **env}) + "\n")
 
 
 if __name__ == "__main__":

@@ -87,10 +87,10 @@ class HybridConfig:
         it observes (>= 1); on the others it only filters its window (a forward pass),
         so that its rollout starts from the newest step.
       rssm_rollout_kernel: on a GPU, run each rollout step as one Pallas (Triton) kernel
-        after one matrix product, instead of XLA's six or seven kernels (needs
-        ``rssm_hidden``, ``rssm_mlp``, ``rssm_latent_classes`` and their product with
-        ``rssm_latent_groups`` powers of two, ``rssm_mlp <= rssm_hidden``). Off by
-        default: JAX 0.11 deprecates the Pallas Triton backend (a warning per compile).
+        instead of XLA's six or seven kernels (needs ``rssm_hidden``, ``rssm_mlp``,
+        ``rssm_latent_groups`` and ``rssm_latent_classes`` powers of two,
+        ``rssm_hidden >= 16``). Off by default: JAX 0.11 deprecates the Pallas Triton
+        backend (a warning per compile).
       rssm_seed: seed of the members' initialisation and sampling.
       verify_tolerance: a Predict phase is rolled back when, on the first real step
         after it, ``loss(new) > (1 + verify_tolerance) * loss(snapshot)`` (>= 0).
@@ -235,8 +235,8 @@ class HybridConfig:
                 "rssm_rollout_kernel",
                 True,
                 supported(*sizes),
-                "needs rssm_hidden, rssm_mlp, rssm_latent_classes and "
-                "rssm_latent_groups * rssm_latent_classes powers of two, rssm_mlp <= rssm_hidden",
+                "needs rssm_hidden, rssm_mlp, rssm_latent_groups and rssm_latent_classes "
+                "powers of two, rssm_hidden >= 16",
             )
         _require(
             "verify_tolerance",

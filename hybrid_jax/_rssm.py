@@ -21,10 +21,9 @@ bootstrap mask, so the members disagree where data is thin.
 
 Prediction: after each training step the filtered latent is rolled out through the
 prior (modes of ``p(z | h)``) for ``horizon`` steps, for every member (with
-``rollout_kernel`` on a GPU, each step is one product and one Pallas kernel:
-``_rssm_kernel``). The ensemble mean
-gives the coefficients and the loss change for each step of the next Predict phase;
-the members' spread, relative to the mean's size (scale-free), is mapped to a
+``rollout_kernel`` on a GPU, each step is one Pallas kernel: ``_rssm_kernel``). The
+ensemble mean gives the coefficients and the loss change for each step of the next
+Predict phase; the members' spread, relative to the mean's size (scale-free), is mapped to a
 confidence by a recursive-least-squares calibration against the realised accuracy
 (the cosine, clipped to [0, 1], between each one-step prediction and the real update
 that followed), so that confidence means "expected accuracy".
@@ -214,9 +213,9 @@ def _rollout(params, gd, s: RSSMSettings, h, z, kernel: bool | None = None) -> j
     """Every member's rollout: head outputs (M, H, 1 + G*B).
 
     With ``s.rollout_kernel`` on a GPU (``kernel=None``), each horizon step after the
-    first is one batched product and one Pallas kernel (``_rssm_kernel``) for every
-    member; otherwise ``_member_rollout`` under ``vmap``. ``kernel=True`` forces the
-    kernel (interpreted off the GPU), ``False`` the plain rollout.
+    first is one Pallas kernel (``_rssm_kernel``) for every member; otherwise
+    ``_member_rollout`` under ``vmap``. ``kernel=True`` forces the kernel (interpreted
+    off the GPU), ``False`` the plain rollout.
     """
     if kernel is None:
         kernel = s.rollout_kernel and jax.default_backend() == "gpu"
@@ -225,17 +224,19 @@ def _rollout(params, gd, s: RSSMSettings, h, z, kernel: bool | None = None) -> j
         raise ValueError(f"the rollout kernel needs power-of-two sizes; got {s}")
     if not kernel or s.horizon == 1:
         return jax.vmap(lambda p, h, z: _member_rollout(p, gd, s, h, z))(params, h, z)
-    w = _rssm_kernel.weights(params)
     eps = nnx.merge(gd, jax.tree.map(lambda x: x[0], params)).prior.norm.epsilon
+    w = _rssm_kernel.weights(params, s.latent_groups, s.latent_classes)
 
-    def body(h, _):  # the kernel is interpreted off the GPU (see ``_rssm_kernel.step``)
-        h_next, z_next = _rssm_kernel.step(w, h, s.latent_groups, s.latent_classes, eps)
-        return h_next, (h, z_next)
+    def body(carry, _):  # the kernel is interpreted off the GPU (see ``_rssm_kernel.step``)
+        h, part = carry
+        h_next, part_next, z_next = _rssm_kernel.step(w, h, part, eps)
+        return (h_next, part_next), (h, z_next[:, 0].reshape(h.shape[0], -1))
 
     h1 = jax.vmap(lambda p, h, z: nnx.merge(gd, p).gru(h, z)[0])(params, h, z)
     n = s.horizon - 1
+    init = (h1, _rssm_kernel.partials(w, h1))
     # unrolled (in blocks): a GPU while loop costs a host round trip per iteration
-    _, (hs, zs) = jax.lax.scan(body, h1, None, length=n, unroll=min(n, 16))
+    _, (hs, zs) = jax.lax.scan(body, init, None, length=n, unroll=min(n, 16))
     hs = jnp.concatenate([h[:, None], jnp.swapaxes(hs, 0, 1)], axis=1)
     zs = jnp.concatenate([z[:, None], jnp.swapaxes(zs, 0, 1)], axis=1)
     return jax.vmap(lambda p, hz: nnx.merge(gd, p).head(hz))(

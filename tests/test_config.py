@@ -111,4 +111,6 @@ def test_rollout_kernel_needs_power_of_two_sizes():
     with pytest.raises(ValueError, match=r"HybridConfig\.rssm_rollout_kernel\b.*powers of two"):
         hj.HybridConfig(rssm_rollout_kernel=True, rssm_hidden=100)
     with pytest.raises(ValueError, match=r"HybridConfig\.rssm_rollout_kernel\b"):
-        hj.HybridConfig(rssm_rollout_kernel=True, rssm_mlp=512, rssm_hidden=256)
+        hj.HybridConfig(rssm_rollout_kernel=True, rssm_hidden=8)
+    with pytest.raises(ValueError, match=r"HybridConfig\.rssm_rollout_kernel\b"):
+        hj.HybridConfig(rssm_rollout_kernel=True, rssm_latent_groups=3)
