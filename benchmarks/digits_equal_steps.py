@@ -1,7 +1,7 @@
 """Held-out loss at an equal number of steps: hybrid vs plain AdamW on scikit-learn digits.
 
     python benchmarks/digits_equal_steps.py [--steps 1000] [--seeds 3] [--sketch-stride 1]
-        [--observe-every 1] [--rssm-train-every 1]
+        [--full-steps 10] [--observe-every 1] [--rssm-train-every 1]
 
 For each learning rate and each hybrid schedule (horizon H, Correct steps C), the same
 seeds and the same data order are used for both arms; the table gives the share of
@@ -65,6 +65,7 @@ def main() -> None:
         help="confidence_threshold for every predictor (default: the config's)",
     )
     ap.add_argument("--sketch-stride", type=int, default=1, help="HybridConfig.sketch_stride")
+    ap.add_argument("--full-steps", type=int, default=10, help="HybridConfig.full_steps")
     ap.add_argument("--observe-every", type=int, default=1, help="HybridConfig.observe_every")
     ap.add_argument("--rssm-train-every", type=int, default=1, help="HybridConfig.rssm_train_every")
     ap.add_argument("--out", default="")
@@ -84,7 +85,7 @@ def main() -> None:
                 extra = {} if args.threshold is None else {"confidence_threshold": args.threshold}
                 cfg = hj.HybridConfig(
                     warmup_steps=50,
-                    full_steps=10,
+                    full_steps=args.full_steps,
                     correct_steps=c,
                     min_horizon=1,
                     max_horizon=h,
