@@ -8,9 +8,12 @@ update (``observe``: window BPTT, optimizer step and the rollout it stores), the
 encoding, and one bandit select + update. ``--real-step-ms`` gives the real step to
 divide by (e.g. the GPT-2-small figure from ``step_cost.py``). ``--rollout kernel`` times
 the rollout with the Pallas step kernel (``HybridConfig.rssm_rollout_kernel``) instead
-of XLA operations; ``--profile DIR`` also prints the device's busy time per step, and
-per horizon step added between consecutive horizons (the rollout's fixed part, its first
-step, heads and summary, cancels there). ``--horizons`` and ``--rollout-only`` narrow it.
+of XLA operations; ``--profile DIR`` also prints the device's busy time per step, the
+span from its first to its last event per step, and the busy time per horizon step added
+between consecutive horizons (the rollout's fixed part, its first step, heads and
+summary, cancels there). Profile without XLA's command buffers for loops: kernels that
+run inside a captured graph do not appear in the trace, so busy time undercounts there
+(the span does not). ``--horizons`` and ``--rollout-only`` narrow the run.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def main() -> None:
     g, b = args.groups, args.basis
     base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
     f = _encoder.n_features(b)
-    rows, busy = [], {}
+    rows, busy, span = [], {}, {}
 
     def record(name, seconds, per=1, **extra):
         ms = seconds * 1e3 / per
@@ -86,15 +89,16 @@ def main() -> None:
             t = device_timeline(run, f"{args.profile}/h{horizon}")
             show_timeline(f"H={horizon}", t)
             if t:
-                busy[horizon] = t["busy_ms"]
-                print(f"  H={horizon}: device busy {1e3 * t['busy_ms'] / horizon:.2f} us per step")
+                busy[horizon], span[horizon] = t["busy_ms"], t["span_ms"]
+                bu, sp = (f"{1e3 * t[k] / horizon:.2f}" for k in ("busy_ms", "span_ms"))
+                print(f"  H={horizon}: device busy {bu} us, span {sp} us per step")
                 top = sorted(t["ms_by_name"].items(), key=lambda kv: -kv[1])[:4]
                 print("  longest events (ms in all):", [(k[:40], round(v, 4)) for k, v in top])
         return seconds
 
     for horizon in map(int, args.horizons.split(",")):
         seconds = rollout_seconds(horizon)
-        extra = {"busy_ms": busy[horizon]} if horizon in busy else {}
+        extra = {"busy_ms": busy[horizon], "span_ms": span[horizon]} if horizon in busy else {}
         record(f"rollout per horizon step (H={horizon})", seconds, horizon, **extra)
     # what one more horizon step costs the device: the rollout's fixed part cancels
     for lo, hi in zip(sorted(busy), sorted(busy)[1:], strict=False):
