@@ -299,7 +299,11 @@ def predictive(
             extra_args = {**extra_args, "value": value}
         # a select, not a cond: no branch copies, and it fuses into the optimizer's update
         updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
-        updates = jax.tree.map(lambda u: jnp.where(drop, jnp.zeros_like(u), u), updates)
+        # the zero is opaque to XLA: a zero *constant* of a parameter's shape is merged with
+        # the backward pass's zero-initialised accumulators (of scanned layers), and is then
+        # written out and copied as a whole buffer on every step
+        zero = jax.lax.optimization_barrier(jnp.zeros((), jnp.float32))
+        updates = jax.tree.map(lambda u: jnp.where(drop, zero.astype(u.dtype), u), updates)
         inner_state = choose(drop, state.inner, inner_state)
         if observe:
             # computed once: otherwise XLA recomputes the optimizer's arithmetic (reading
