@@ -29,7 +29,7 @@ one jitted step per batch from Python for every arm (the hybrids through
 ``hj.make_dispatched_step``; all programs compiled before the clock starts).
 
 Outputs under ``--out``: ``runs.jsonl`` (one line per arm and seed, with its curve),
-``summary.json``, ``summary.md`` (the tables of ``RESULTS.md``) and ``curves.png``.
+``summary.json``, ``summary.md`` (the tables of ``end_to_end.md``) and ``curves.png``.
 """
 
 from __future__ import annotations
