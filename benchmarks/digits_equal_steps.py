@@ -31,7 +31,7 @@ def run(split, tx, steps, seed, batch_size=64):
     params = tasks.mlp_init(jax.random.key(seed))
     state = tx.init(params)
     stream = tasks.batches(split.x_train, split.y_train, batch_size, seed=seed)
-    if isinstance(tx, hj.PredictiveTransformation):
+    if isinstance(tx, hj._transform.PredictiveTransformation):
         step = hj.make_hybrid_step(tasks.mlp_loss, tx)
         for _ in range(steps):
             params, state, m = step(params, state, next(stream))
@@ -64,10 +64,10 @@ def main() -> None:
         default=None,
         help="confidence_threshold for every predictor (default: the config's)",
     )
-    ap.add_argument("--sketch-stride", type=int, default=1, help="HybridConfig.sketch_stride")
+    ap.add_argument("--sketch-stride", type=int, default=1, help="BasisSettings.sketch_stride")
     ap.add_argument("--full-steps", type=int, default=10, help="HybridConfig.full_steps")
     ap.add_argument("--observe-every", type=int, default=1, help="HybridConfig.observe_every")
-    ap.add_argument("--rssm-train-every", type=int, default=1, help="HybridConfig.rssm_train_every")
+    ap.add_argument("--rssm-train-every", type=int, default=1, help="RSSMSettings.train_every")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     split = tasks.digits(0)
@@ -90,9 +90,9 @@ def main() -> None:
                     min_horizon=1,
                     max_horizon=h,
                     predictor=pred,
-                    sketch_stride=args.sketch_stride,
+                    basis=hj.BasisSettings(sketch_stride=args.sketch_stride),
                     observe_every=args.observe_every,
-                    rssm_train_every=args.rssm_train_every,
+                    rssm=hj.RSSMSettings(train_every=args.rssm_train_every),
                     **extra,
                 )
                 res = [

@@ -47,12 +47,12 @@ def main() -> None:
     evaluate = jax.jit(lambda p: jnp.mean(jax.lax.map(lambda b: wl.loss_fn(p, b), held)))
     cfg = hybrid_config(args.predictor, wl.steps)
     arms = [
-        ("adamw", optax.adamw(lr), False),
-        ("hybrid, make_hybrid_step", hj.predictive(optax.adamw(lr), cfg), False),
-        ("hybrid, make_dispatched_step", hj.predictive(optax.adamw(lr), cfg), True),
+        ("adamw", optax.adamw(lr), "cond"),
+        ("hybrid, make_hybrid_step", hj.predictive(optax.adamw(lr), cfg), "cond"),
+        ("hybrid, make_dispatched_step", hj.predictive(optax.adamw(lr), cfg), "dispatched"),
     ]
     env, rows = environment(), []
-    for name, tx, dispatched in arms:
+    for name, tx, stepping in arms:
         res = hj.train(
             wl.loss_fn,
             tx,
@@ -60,7 +60,7 @@ def main() -> None:
             lambda start: (np.asarray(b) for b in stacked[start:]),
             steps=wl.steps,
             progress=False,
-            dispatched=dispatched,
+            stepping=stepping,
         )
         last = res.rows[-1]
         row = dict(

@@ -7,7 +7,7 @@ prior for horizons 1, 5, 15, 25, 50 and 75 (per horizon step), one online traini
 update (``observe``: window BPTT, optimizer step and the rollout it stores), the feature
 encoding, and one bandit select + update. ``--real-step-ms`` gives the real step to
 divide by (e.g. the GPT-2-small figure from ``step_cost.py``). ``--rollout kernel`` times
-the rollout with the Pallas step kernel (``HybridConfig.rssm_rollout_kernel``) instead
+the rollout with the Pallas step kernel (``RSSMSettings.rollout_kernel``) instead
 of XLA operations; ``--profile DIR`` also prints the device's busy time per step, the
 span from its first to its last event per step, and the busy time per horizon step added
 between consecutive horizons (the rollout's fixed part, its first step, heads and
@@ -48,13 +48,13 @@ def main() -> None:
         "--rollout",
         choices=["xla", "kernel"],
         default="xla",
-        help="rollout steps as XLA ops or the Pallas kernel (HybridConfig.rssm_rollout_kernel)",
+        help="rollout steps as XLA ops or the Pallas kernel (RSSMSettings.rollout_kernel)",
     )
     ap.add_argument("--horizons", default="1,5,15,25,50,75")
     ap.add_argument("--rollout-only", action="store_true", help="skip the other pieces")
     args = ap.parse_args()
     g, b = args.groups, args.basis
-    base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
+    base = _rssm.Sizes(members=args.members, hidden=args.hidden, window=args.window)
     f = _encoder.n_features(b)
     rows, busy, span = [], {}, {}
 
@@ -118,7 +118,7 @@ def main() -> None:
 def other_pieces(args, record):
     """The online training update, the feature encoding and the bandit."""
     g, b = args.groups, args.basis
-    base = _rssm.RSSMSettings(members=args.members, hidden=args.hidden, window=args.window)
+    base = _rssm.Sizes(members=args.members, hidden=args.hidden, window=args.window)
     f = _encoder.n_features(b)
 
     pred = _rssm.rssm(base)

@@ -271,13 +271,20 @@ def eval_params(arm: Arm, params: Any) -> Any:
 def counters(arm: Arm, state: Any, steps: int) -> dict[str, int]:
     if arm.kind != "hybrid":
         return dict(
-            backward=steps, forward=steps, predicted=0, phases=0, rollbacks=0, batches=steps
+            backward=steps,
+            forward=steps,
+            predicted=0,
+            idle=0,
+            phases=0,
+            rollbacks=0,
+            batches=steps,
         )
     c = jax.device_get(state.counters)
     return dict(
         backward=int(c.backward_passes),
         forward=int(c.forward_passes),
         predicted=int(c.predicted_steps),
+        idle=int(c.idle_steps),  # vetoed predicted steps: applied nothing
         phases=int(c.predict_phases),
         rollbacks=int(c.rollbacks),
         batches=int(c.backward_passes),  # a predicted step reads no batch
@@ -295,7 +302,7 @@ def memory(compiled) -> dict[str, int | None]:
             - m.alias_size_in_bytes
             + m.temp_size_in_bytes
         )
-    except Exception:  # noqa: BLE001 - not every backend reports it
+    except Exception:
         out["compiled_bytes"] = None
     stats = jax.devices()[0].memory_stats()
     out["device_peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats else None

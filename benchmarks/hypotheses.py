@@ -73,7 +73,7 @@ def run(predictor: str, args) -> dict:
         cosines.append(float(c))
         acc = float(m["accuracy"])
         if prev_acc is not None:  # undo the EMA to get each step's realised cosine
-            d = cfg.confidence_ema_decay
+            d = hj.config.CONFIDENCE_EMA_DECAY
             realised.append((acc - d * prev_acc) / (1 - d))
         prev_acc = acc
     held = np.log(np.asarray(held))

@@ -34,7 +34,7 @@ import step_cost
 from _timing import environment, median_time, write_jsonl
 
 import hybrid_jax as hj
-from hybrid_jax import _sharding as hs
+from hybrid_jax import sharding as hs
 
 
 def collectives(text: str) -> dict[str, int]:
@@ -65,7 +65,7 @@ def main() -> None:
     params0, loss_fn, batch1 = step_cost.build(args.model)
     n_params = sum(x.size for x in jax.tree.leaves(params0))
     inner = optax.adamw(3e-4)
-    tx = hj.predictive(inner, hj.HybridConfig(monitor_warmup=2**30))
+    tx = hj.predictive(inner, hj.HybridConfig(monitor=hj.MonitorSettings(warmup=2**30)))
     env, rows = environment(), []
 
     def adamw_step(params, opt_state, batch):
@@ -74,7 +74,7 @@ def main() -> None:
         return optax.apply_updates(params, updates), opt_state, loss
 
     def predicted_only(params, state):
-        updates, state = tx.predicted_update(state, params)
+        updates, state = tx.predicted_update(state, params, first=False)
         return optax.apply_updates(params, updates), state
 
     def config(n: int, rule: str) -> None:

@@ -19,7 +19,6 @@ loops of steps, which take Python dispatch out of the figures for small models.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import re
@@ -75,7 +74,8 @@ def build(model: str, seed: int = 0, attention: str = "auto"):
 def forced(state: hj.HybridState, phase: int) -> hj.HybridState:
     """The state with its phase pinned for a very long time."""
     i32 = lambda x: jnp.asarray(x, jnp.int32)
-    return state._replace(phase=i32(phase), phase_step=i32(1), phase_budget=i32(2**30))
+    pinned = state.phase._replace(id=i32(phase), step=i32(1), budget=i32(2**30))
+    return state._replace(phase=pinned)
 
 
 def big_copies(compiled) -> int:
@@ -94,10 +94,10 @@ def delta_cond_step(loss_fn, tx):
     def step(params, state, batch):
         def real(params, state):
             loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-            return tx.real_update(grads, state, params, value=loss)
+            return tx.real_update(grads, state, params, value=loss, verify=False, observe=True)
 
         def predicted(params, state):
-            return tx.predicted_update(state, params)
+            return tx.predicted_update(state, params, first=False)
 
         updates, state = jax.lax.cond(tx.needs_gradient(state), real, predicted, params, state)
         return optax.apply_updates(params, updates), state, hj.metrics(state)
@@ -114,12 +114,14 @@ def while_step(loss_fn, tx):
         def real(c):
             i, params, state = c
             loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-            updates, state = tx.real_update(grads, state, params, value=loss)
+            updates, state = tx.real_update(
+                grads, state, params, value=loss, verify=False, observe=True
+            )
             return i + 1, optax.apply_updates(params, updates), state
 
         def predicted(c):
             i, params, state = c
-            updates, state = tx.predicted_update(state, params)
+            updates, state = tx.predicted_update(state, params, first=False)
             return i + 1, optax.apply_updates(params, updates), state
 
         zero = jnp.zeros((), jnp.int32)
@@ -141,10 +143,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--basis-dtype", default="float32")
     ap.add_argument(
-        "--sketch-strides", default="1", help="comma list of HybridConfig.sketch_stride values"
+        "--sketch-strides", default="1", help="comma list of BasisSettings.sketch_stride values"
     )
     ap.add_argument("--predictor", default="last_update", help="last_update, extrapolate, rssm")
-    ap.add_argument("--rssm-train-every", type=int, default=1, help="HybridConfig.rssm_train_every")
+    ap.add_argument("--rssm-train-every", type=int, default=1, help="RSSMSettings.train_every")
     ap.add_argument(
         "--observe-every", default="1", help="comma list of HybridConfig.observe_every values"
     )
@@ -164,10 +166,10 @@ def main() -> None:
     inner = optax.adamw(3e-4)
     # the monitor stays silent, so that its verdicts cannot move the pinned phase
     cfg = hj.HybridConfig(
-        basis_dtype=args.basis_dtype,
+        basis=hj.BasisSettings(dtype=args.basis_dtype),
         predictor=args.predictor,
-        rssm_train_every=args.rssm_train_every,
-        monitor_warmup=2**30,
+        rssm=hj.RSSMSettings(train_every=args.rssm_train_every),
+        monitor=hj.MonitorSettings(warmup=2**30),
     )
     strides = [int(x) for x in args.sketch_strides.split(",")]
     tx = hj.predictive(inner, cfg)
@@ -266,7 +268,7 @@ def main() -> None:
     hybrid_runs = [(v, k, o) for o in observe for k in strides for v in args.variants.split(",")]
     for variant, stride, every in hybrid_runs:
         tx = hj.predictive(
-            inner, dataclasses.replace(cfg, sketch_stride=stride, observe_every=every)
+            inner, cfg.replace(basis=cfg.basis.replace(sketch_stride=stride), observe_every=every)
         )
         if stride != 1:
             variant = f"{variant}/{stride}"

@@ -2,26 +2,27 @@
 
 A real step runs forward, backward and the wrapped optax optimizer; a predicted step
 applies an update predicted from the directions of recent real updates, with no
-backward pass. A phase machine on the device chooses between them inside one
-``jax.lax.cond``, so a whole run compiles once.
+backward pass. A phase machine on the device decides which kind of step comes next,
+so a whole run compiles once.
 
     import hybrid_jax as hj
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig())
     state = tx.init(params)
-    step = hj.make_hybrid_step(loss_fn, tx)
+    step = hj.make_dispatched_step(loss_fn, tx)   # or hj.make_hybrid_step: same steps
     params, state, metrics = step(params, state, batch)
+
+Submodules: ``hybrid_jax.config`` (the config and its groups), ``hybrid_jax.report``
+(export, summaries, plots), ``hybrid_jax.sharding`` (the step over a device mesh),
+``hybrid_jax.tasks`` (the offline real tasks of the tests and benchmarks).
 """
 
-from . import _report as report
-from ._bandit import BanditState
-from ._basis import Basis
+from . import _report as report  # noqa: F401  (hj.report)
 from ._checkpoint import Checkpointer
-from ._config import HybridConfig
-from ._dispatch import DispatchedStep, make_dispatched_step
+from ._dispatch import make_dispatched_step
 from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
-from ._monitor import EVENT_NAMES, LEVEL_NAMES, MonitorSettings, MonitorState
-from ._phases import CORRECT, FULL, PHASE_NAMES, PREDICT, WARMUP
+from ._phases import CORRECT, FULL, PREDICT, WARMUP
+from ._phases import PHASE_NAMES as PHASE_NAMES
 from ._predictors import (
     Observation,
     PredictContext,
@@ -31,69 +32,42 @@ from ._predictors import (
     extrapolate,
     last_update,
 )
-from ._residuals import Corrector, ResidualBuffer
-from ._rssm import RSSMSettings, RSSMState, rssm
-from ._sharding import (
-    batch_sharding,
-    data_mesh,
-    make_sharded_hybrid_step,
-    param_shardings,
-    state_shardings,
-)
-from ._state import Counters, HybridState, Stats, StepInfo
+from ._rssm import rssm
+from ._state import HybridState
 from ._step import hybrid_step, make_hybrid_step
-from ._train import TrainResult, make_train_step, train
-from ._transform import PredictiveTransformation, force_full, predictive
+from ._train import TrainResult, train
+from ._transform import force_full, predictive
+from .config import BanditSettings, BasisSettings, HybridConfig, MonitorSettings, RSSMSettings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Phase codes of the ``phase`` metric (``PHASE_NAMES[code]``), also importable here.
+_PHASE_CODES = (WARMUP, FULL, PREDICT, CORRECT)
 
 __all__ = [
-    "CORRECT",
-    "EVENT_NAMES",
-    "FULL",
-    "LEVEL_NAMES",
     "METRIC_NAMES",
-    "PHASE_NAMES",
-    "PREDICT",
-    "WARMUP",
-    "BanditState",
-    "Basis",
+    "BanditSettings",
+    "BasisSettings",
     "Checkpointer",
-    "Corrector",
-    "Counters",
-    "DispatchedStep",
     "HybridConfig",
     "HybridState",
     "MemoryMonitor",
     "MonitorSettings",
-    "MonitorState",
     "Observation",
     "PredictContext",
     "Prediction",
-    "PredictiveTransformation",
     "Predictor",
     "PredictorSpec",
     "RSSMSettings",
-    "RSSMState",
-    "ResidualBuffer",
-    "Stats",
-    "StepInfo",
     "TrainResult",
-    "batch_sharding",
-    "data_mesh",
     "extrapolate",
     "force_full",
     "hybrid_step",
     "last_update",
     "make_dispatched_step",
     "make_hybrid_step",
-    "make_sharded_hybrid_step",
-    "make_train_step",
     "metrics",
-    "param_shardings",
     "predictive",
-    "report",
     "rssm",
-    "state_shardings",
     "train",
 ]

@@ -1,47 +1,16 @@
-"""`make_dispatched_step`: the step's branch chosen on the host, one step ahead.
+"""`make_dispatched_step`: the kinds of step as separate programs, chosen on the host.
 
-On a GPU a ``lax.cond`` around a whole training step is not free: the host reads the
+On a GPU a ``lax.switch`` around a whole training step is not free: the host reads the
 predicate before it launches the branch, and the branches' outputs cannot always be
 written in place, so XLA copies parameter-sized buffers around the conditional. Here
-each kind of step is its own straight-line compiled program:
-
-=============  ==============================================================
-kind           program
-=============  ==============================================================
-real           ``value_and_grad`` and the transformation's real update
-verify         the same, plus the forward pass at the snapshot that checks the
-               Predict phase that just ended
-predict_first  the first predicted step of a Predict phase: writes the snapshot
-predict        a predicted step
-plain          a real step the transformation does not observe (only with
-               ``HybridConfig.observe_every > 2``): the optimizer's step, the
-               non-finite check, the loss statistics and the monitor
-=============  ==============================================================
+each kind of step (``hybrid_jax._kinds``) is its own straight-line compiled program.
 
 The kind of step ``t + 1`` must be known before step ``t`` has finished, or the host
-would wait for the device on every step. So every program also returns its guess of
-the kind of the step after the next one (the phase machine advanced by one more
-ordinary step: a Predict phase runs to its length, a real step enters Predict when the
-confidence allows), and the host reads the guess made at step ``t - 1`` while step
-``t`` runs. To keep the guess right, a dispatched real step decides whether a Predict
-phase starts on the confidence of the real step before it (``hybrid_step`` uses its
-own): the decision is made a step early. The guess is then wrong only around unusual
-events (a monitor verdict, a rollback when ``correct_steps == 1``, a non-finite
-update); each program checks on the device what the state wants:
-
-- a predicted program on a state that wants a real step does nothing (the batch is
-  skipped; counted in ``idle_steps``);
-- a real program on a state whose Predict phase is about to start delays that phase by
-  this one real step; in the middle of a Predict phase it ends the phase, which the next
-  ``verify`` step checks;
-- a ``real`` step on a state that awaits verification leaves the check to the next step;
-- a ``plain`` step on a state that wants an observation takes the step unobserved (the
-  observation, and any Predict phase, waits for the next real step), and a ``real``
-  step on a state that wants none observes it anyway.
-
-Without such events, and where the confidence does not cross the threshold between two
-real steps, the sequence of steps is the one ``hybrid_step`` takes, and so are the
-results up to rounding (tested).
+would wait for the device on every step. Every program therefore also returns
+``kind_after_next`` of its output state, and the host reads the one made at step
+``t - 1`` while step ``t`` runs. By the phase machine's one rule (``hybrid_jax._phases``)
+that kind is exact, so this step takes the same steps as ``make_hybrid_step`` and
+reaches the same parameters up to rounding (tested).
 """
 
 from __future__ import annotations
@@ -52,128 +21,27 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from . import _encoder, _phases
+from ._kinds import (
+    KIND_NAMES,
+    PLAIN,
+    PREDICT,
+    PREDICT_FIRST,
+    REAL,
+    VERIFY,
+    kind_after_next,
+    kind_of,
+    kinds_used,
+    loss_with_aux,
+    step_kinds,
+)
 from ._metrics import metrics
 from ._state import HybridState
-from ._step import _missing, loss_with_aux, predicted_branch, real_branch
 from ._transform import PredictiveTransformation
 
 PyTree = Any
 
-REAL, VERIFY, PREDICT_FIRST, PREDICT, PLAIN = 0, 1, 2, 3, 4
-KIND_NAMES = ("real", "verify", "predict_first", "predict", "plain")
-
-
-def kinds_used(tx: PredictiveTransformation) -> tuple[int, ...]:
-    """The kinds of program ``tx`` can need (``plain`` only with ``observe_every > 2``)."""
-    return (REAL, VERIFY, PREDICT_FIRST, PREDICT) + (
-        (PLAIN,) if tx.config.observe_every > 2 else ()
-    )
-
-
-def kind_of(state: HybridState, tx: PredictiveTransformation) -> jax.Array:
-    """The kind of step that ``state`` wants next (int32, one of ``KIND_NAMES``)."""
-    in_predict = state.phase == _phases.PREDICT
-    real = jnp.where(tx.observes(state), REAL, PLAIN)
-    return jnp.where(
-        in_predict,
-        jnp.where(state.phase_step == 0, PREDICT_FIRST, PREDICT),
-        jnp.where(state.pending_verify, VERIFY, real),
-    ).astype(jnp.int32)
-
-
-def kind_after_next(state: HybridState, tx: PredictiveTransformation) -> jax.Array:
-    """A guess of the kind of the step after the next one: the next step taken as usual
-    (and the last real step's confidence taken to be the next one's)."""
-    cfg = tx.config
-    kind = kind_of(state, tx)
-    predicting = (kind == PREDICT_FIRST) | (kind == PREDICT)
-    predicted_next = jnp.where(state.phase_step + 1 < state.phase_budget, PREDICT, VERIFY)
-    conf = state.stats.confidence
-    can_predict = jnp.isfinite(conf) & (conf >= cfg.confidence_threshold) & (kind != PLAIN)
-    ph = _phases.Phase(state.phase, state.phase_step, state.phase_budget, state.consecutive)
-    ph = _phases.advance(ph, cfg, can_predict, state.phase_budget)
-    enc = state.encoder
-    seen = kind != PLAIN  # the next step is observed
-    unobserved = jnp.where(seen, 0, enc.unobserved + 1)
-    streak = jnp.where(seen, _encoder.streak_after_observing(enc, state.step), 0)
-    observed = _phases.observation_due(cfg, ph, unobserved, streak == 1, jnp.asarray(False), conf)
-    real_next = jnp.where(
-        ph.phase == _phases.PREDICT, PREDICT_FIRST, jnp.where(observed, REAL, PLAIN)
-    )
-    return jnp.where(predicting, predicted_next, real_next).astype(jnp.int32)
-
-
-def _choose(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
-def _real_program(with_aux, tx, verify: bool, observe: bool = True):
-    cfg = tx.config
-
-    def program(params: PyTree, state: HybridState, batch: Any):
-        in_predict = state.phase == _phases.PREDICT
-        starting = in_predict & (state.phase_step == 0)
-        # a Predict phase already under way ends here; the next verify step checks it
-        ended = state._replace(
-            phase=jnp.full((), _phases.CORRECT, jnp.int32),
-            phase_step=jnp.zeros((), jnp.int32),
-            phase_budget=jnp.full((), cfg.correct_steps, jnp.int32),
-            pending_verify=state.pending_verify | state.snapshot_valid,
-        )
-        start = _choose(in_predict & ~starting, ended, state)
-        snap_loss = None
-        if verify:
-            snap_loss = with_aux(start.snapshot, batch)[0].astype(jnp.float32)
-        params, new, aux = real_branch(
-            with_aux, tx, params, start, batch, snap_loss, dispatched=True, observe=observe
-        )
-        # a Predict phase about to start starts one step later
-        kept = (state.phase, state.phase_step, state.phase_budget, state.consecutive)
-        phase = _choose(
-            starting, kept, (new.phase, new.phase_step, new.phase_budget, new.consecutive)
-        )
-        new = new._replace(
-            phase=phase[0], phase_step=phase[1], phase_budget=phase[2], consecutive=phase[3]
-        )
-        return params, new, aux
-
-    return program
-
-
-def _predicted_program(with_aux, tx, first: bool, aux_shape):
-    def program(params: PyTree, state: HybridState, batch: Any):
-        fresh = state.phase_step == 0
-        ok = (state.phase == _phases.PREDICT) & (~fresh if not first else True)
-        start = state
-        if first:
-            start = state._replace(
-                snapshot=_choose(fresh & ok, params, state.snapshot),
-                snapshot_valid=jnp.where(fresh & ok, True, state.snapshot_valid),
-            )
-        new_params, new, aux = predicted_branch(with_aux, tx, params, start, batch, aux_shape)
-        c, last = state.counters, state.last
-        nan = jnp.full((), jnp.nan, jnp.float32)
-        idle = state._replace(
-            step=state.step + 1,
-            counters=c._replace(idle_steps=c.idle_steps + 1),
-            last=last._replace(
-                used_gradient=jnp.asarray(False),
-                loss=nan,
-                predicted_loss=nan,
-                update_norm=jnp.zeros((), jnp.float32),
-                verified=jnp.asarray(False),
-                rolled_back=jnp.asarray(False),
-                arm=jnp.full((), -1, jnp.int32),
-                reward=nan,
-            ),
-        )
-        params = _choose(ok, new_params, params)
-        return params, _choose(ok, new, idle), _choose(ok, aux, _missing(aux_shape))
-
-    return program
+__all__ = ["KIND_NAMES", "PLAIN", "PREDICT", "PREDICT_FIRST", "REAL", "VERIFY", "DispatchedStep"]
 
 
 class DispatchedStep:
@@ -183,9 +51,10 @@ class DispatchedStep:
     ``params, state, metrics = step(params, state, batch)`` (``metrics[, aux]`` with
     ``has_aux``). ``prepare(state, *extra) -> state``, if given, runs at the start of
     every program on the ``extra`` arguments of the call (e.g. to set a learning rate
-    from the global step: ``step(params, state, batch, t)``); it must leave the phase
-    machine as it is. ``metrics_fn(state)`` (default ``hj.metrics``) gives what each call
-    returns as its metrics, computed inside the programs. Each program is
+    from the global step: ``step(params, state, batch, t)``); it must leave the
+    phase machine, ``pending``, ``step`` and the encoder's step counters as they are
+    (they decide the kinds of step). ``metrics_fn(state)`` (default ``hj.metrics``)
+    gives what each call returns as its metrics, computed inside the programs. Each program is
     compiled once, on first use, or all of them up front by ``compile(params, state,
     batch)``; ``compiled_kinds`` lists those compiled so far and ``kind_counts`` how
     often each ran. The host reads one int32
@@ -228,12 +97,9 @@ class DispatchedStep:
 
     def _program(self, kind: int, params: PyTree, batch: Any) -> Callable[..., Any]:
         if kind not in self._programs:
-            tx, with_aux = self.tx, self._with_aux
-            if kind in (REAL, VERIFY, PLAIN):
-                body = _real_program(with_aux, tx, verify=kind == VERIFY, observe=kind != PLAIN)
-            else:
-                aux_shape = jax.eval_shape(with_aux, params, batch)[1]
-                body = _predicted_program(with_aux, tx, kind == PREDICT_FIRST, aux_shape)
+            tx, cfg = self.tx, self.tx.config
+            aux_shape = jax.eval_shape(self._with_aux, params, batch)[1]
+            body = step_kinds(self._with_aux, tx, aux_shape)[kind]
 
             prepare, metrics_fn = self._prepare, self._metrics_fn
 
@@ -241,7 +107,7 @@ class DispatchedStep:
                 if prepare is not None:
                     state = prepare(state, *extra)
                 params, state, aux = body(params, state, batch)
-                return params, state, metrics_fn(state), aux, kind_after_next(state, tx)
+                return params, state, metrics_fn(state), aux, kind_after_next(cfg, state)
 
             self._programs[kind] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[kind]
@@ -251,7 +117,7 @@ class DispatchedStep:
         these shapes (nothing runs, nothing is donated), so that no compilation happens
         mid-run; returns the seconds taken."""
         t0 = time.perf_counter()
-        for kind in kinds_used(self.tx):
+        for kind in kinds_used(self.tx.config):
             program = self._program(kind, params, batch)
             self._compiled[kind] = program.lower(params, state, batch, *extra).compile()
         return time.perf_counter() - t0
@@ -259,7 +125,8 @@ class DispatchedStep:
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
         if state is not self._last_state or not self._pending:
             # a state from outside: its kind and the guess after it, read now
-            now, ahead = jax.device_get((kind_of(state, self.tx), kind_after_next(state, self.tx)))
+            cfg = self.tx.config
+            now, ahead = jax.device_get((kind_of(cfg, state), kind_after_next(cfg, state)))
             self._pending = collections.deque([int(ahead)])
             kind = int(now)
         else:
@@ -282,9 +149,9 @@ def make_dispatched_step(
     donate: bool = True,
     prepare: Callable[..., HybridState] | None = None,
 ) -> DispatchedStep:
-    """Like ``make_hybrid_step``, without a ``lax.cond`` around the step: the host picks
-    one of four compiled programs (five with ``observe_every > 2``) a step ahead (see
-    ``hybrid_jax._dispatch``).
+    """Like ``make_hybrid_step``, without a ``lax.switch`` around the step: the host picks
+    one of four compiled programs (five with ``observe_every > 2``), one per kind of
+    step, a step ahead (see ``hybrid_jax._dispatch``). Same steps, same results.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss``, or ``-> (loss, aux)`` with ``has_aux``.

@@ -81,6 +81,23 @@ def streak_after_observing(state: EncoderState, step: jax.Array) -> jax.Array:
     return jnp.where(consecutive, state.streak + 1, 1).astype(jnp.int32)
 
 
+def after_real_step(
+    state: EncoderState, step: jax.Array, observed: jax.Array | bool
+) -> EncoderState:
+    """The encoder's step counters once the real step at ``step`` is taken."""
+    observed = jnp.asarray(observed)
+    return state._replace(
+        last_real_step=jnp.where(observed, step, state.last_real_step).astype(jnp.int32),
+        unobserved=jnp.where(observed, 0, state.unobserved + 1).astype(jnp.int32),
+        streak=jnp.where(observed, streak_after_observing(state, step), 0).astype(jnp.int32),
+    )
+
+
+def pair_open(state: EncoderState, step: jax.Array) -> jax.Array:
+    """Whether the real step at ``step`` would complete a pair of observed steps."""
+    return (state.streak == 1) & (step - state.last_real_step == 1)
+
+
 def moment_norms(inner_state: PyTree, stride: int = 1) -> tuple[jax.Array, jax.Array]:
     """Global norms of the leaves under fields named ``mu`` and ``nu`` (0 if absent);
     with ``stride > 1`` estimated from every ``stride``-th row (``_basis.sample_rows``)."""

@@ -27,8 +27,9 @@ accuracy               float32  running realised cosine of the one-step predicti
 nonfinite_predictions  int32    predicted steps in which a non-finite value was held back
 rollbacks              int32    rollbacks so far
 skipped_updates        int32    real steps with a non-finite loss or gradient, not applied
-idle_steps             int32    steps that changed nothing: a predicted step chosen ahead by
-                                ``make_dispatched_step`` met a state that wanted a real one
+idle_steps             int32    predicted steps that applied nothing: the step before vetoed
+                                them (a non-finite step, a rollback, a non-finite prediction
+                                or a monitor warning; see ``hybrid_jax._phases``)
 divergence_events      int32    monitor events so far (all kinds)
 horizon_scale          float32  the monitor's shrink factor of the horizon, in (0, 1]
 bandit_arm             int32    arm whose reward was learned at this step (-1: none)

@@ -46,6 +46,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .config import MonitorSettings
+
 NONE, CAUTION, WARNING, CRITICAL = 0, 1, 2, 3
 LEVEL_NAMES = ("none", "caution", "warning", "critical")
 
@@ -72,26 +74,6 @@ EVENT_NAMES = (
     "escalation",
 )
 N_EVENTS = len(EVENT_NAMES)
-
-
-class MonitorSettings(NamedTuple):
-    """Thresholds of the monitor. A pytree of scalars: it may be closed over or traced."""
-
-    loss_z_caution: float = 3.0  # loss z-scores (see the module docstring)
-    loss_z_warning: float = 6.0
-    loss_z_critical: float = 12.0
-    noise_floor: float = 1e-3  # the z-score's std is at least noise_floor * |mean loss|
-    grad_explode: float = 10.0  # gradient norm / baseline that is an explosion
-    grad_vanish: float = 1e-3  # gradient norm / baseline that is vanishing
-    pred_error_caution: float = 0.5  # |loss - predicted| / |loss|
-    pred_error_warning: float = 2.0
-    oscillation_window: int = 8  # consecutive alternating loss changes
-    oscillation_amplitude: float = 1.5  # each change beyond this many noise scales
-    ema_decay: float = 0.95  # of the loss mean and the log gradient norm
-    var_decay: float = 0.99  # of the loss variance: slower, so that the std is less noisy
-    # (both start as plain running averages until 1 / (1 - decay) real steps: no start-up bias)
-    escalate_after: int = 3  # consecutive steps at warning or above before escalating
-    warmup: int = 20  # real observations before z-scores and gradient ratios alarm
 
 
 class MonitorState(NamedTuple):
@@ -196,9 +178,15 @@ def _conclude(
     return state, verdict
 
 
+def calm() -> Verdict:
+    """The verdict of a monitor that is off: nothing raised."""
+    f = jnp.zeros((), bool)
+    return Verdict(jnp.zeros((), jnp.int32), jnp.zeros((N_EVENTS,), bool), f, f, f)
+
+
 def observe_real(
     state: MonitorState,
-    settings: MonitorSettings,
+    settings: MonitorSettings | None,
     *,
     loss: jax.Array | float,
     grad_norm: jax.Array | float,
@@ -223,6 +211,8 @@ def observe_real(
     Returns:
       ``(state, verdict)``.
     """
+    if settings is None:
+        return state, calm()
     s = settings
     loss = jnp.asarray(loss, jnp.float32)
     g = jnp.asarray(grad_norm, jnp.float32)
@@ -294,7 +284,7 @@ def observe_real(
 
 def observe_predicted(
     state: MonitorState,
-    settings: MonitorSettings,
+    settings: MonitorSettings | None,
     *,
     delta_finite: jax.Array | bool,
     loss: jax.Array | float,
@@ -315,6 +305,8 @@ def observe_predicted(
     Returns:
       ``(state, verdict)``.
     """
+    if settings is None:
+        return state, calm()
     s = settings
     loss = jnp.asarray(loss, jnp.float32)
     predicted = jnp.asarray(predicted_loss, jnp.float32)

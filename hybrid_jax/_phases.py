@@ -1,6 +1,14 @@
 """The phase machine: Warmup -> Full -> (Predict -> Correct) x n -> Full -> ...
 
 Pure functions on int32 device scalars, so that the phase is decided on device.
+
+**The one rule.** The phase after a step is a function of the state the step started
+from, never of what the step measures. What a step measures that should change the
+schedule (a non-finite loss, a rollback, a monitor warning) is recorded in
+``Pending`` and acts on the step after it. So the kind of step ``t + 2`` is known as
+soon as step ``t`` has finished: ``make_dispatched_step`` picks its programs a step
+ahead without ever guessing wrong, and it takes exactly the steps ``make_hybrid_step``
+takes.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._config import HybridConfig
+from .config import HybridConfig
 
 WARMUP, FULL, PREDICT, CORRECT = 0, 1, 2, 3
 PHASE_NAMES = ("warmup", "full", "predict", "correct")
@@ -19,24 +27,52 @@ PHASE_NAMES = ("warmup", "full", "predict", "correct")
 class Phase(NamedTuple):
     """Where the machine is (all int32 scalars)."""
 
-    phase: jax.Array  # WARMUP, FULL, PREDICT or CORRECT
-    phase_step: jax.Array  # steps already taken in this phase
-    phase_budget: jax.Array  # length of this phase
+    id: jax.Array  # WARMUP, FULL, PREDICT or CORRECT
+    step: jax.Array  # steps already taken in this phase
+    budget: jax.Array  # length of this phase
     consecutive: jax.Array  # Predict phases since the last Full phase
+
+
+class Pending(NamedTuple):
+    """What the last step asks of the next one (bool scalars)."""
+
+    verify: jax.Array  # the next real step verifies the Predict phase that ended
+    veto: jax.Array  # the next step does not predict (a predicted one applies nothing)
+    force_full: jax.Array  # a monitor warning: a Full phase follows the next step
+
+
+def _i32(x: int | jax.Array) -> jax.Array:
+    return jnp.asarray(x, jnp.int32)
+
+
+def make(phase_id: int | jax.Array, budget: int | jax.Array, consecutive=0) -> Phase:
+    """A phase starting now (distinct buffers, so that a state can be donated)."""
+    return Phase(
+        id=jnp.full((), phase_id, jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        budget=jnp.maximum(_i32(budget), 1),
+        consecutive=jnp.asarray(consecutive, jnp.int32) + jnp.zeros((), jnp.int32),
+    )
 
 
 def init(cfg: HybridConfig) -> Phase:
     """The first phase: Warmup, or Full when ``warmup_steps == 0``."""
     if cfg.warmup_steps > 0:
-        phase, budget = WARMUP, cfg.warmup_steps
-    else:
-        phase, budget = FULL, cfg.full_steps
-    i32 = lambda x: jnp.asarray(x, jnp.int32)
-    return Phase(i32(phase), i32(0), i32(budget), i32(0))
+        return make(WARMUP, cfg.warmup_steps)
+    return make(FULL, cfg.full_steps)
+
+
+def init_pending() -> Pending:
+    return Pending(*(jnp.zeros((), bool) for _ in Pending._fields))
+
+
+def full_phase(n: jax.Array | int) -> Phase:
+    """A Full phase of ``n`` real steps (at least 1), starting now."""
+    return make(FULL, n)
 
 
 def horizon(cfg: HybridConfig, confidence: jax.Array) -> jax.Array:
-    """Length of a Predict phase that would start now (int32)."""
+    """Length of a Predict phase that would start now, before the monitor's scale."""
     if cfg.horizon_policy == "fixed":
         return jnp.asarray(cfg.max_horizon, jnp.int32)
     span = max(1.0 - cfg.confidence_threshold, 1e-6)
@@ -46,73 +82,127 @@ def horizon(cfg: HybridConfig, confidence: jax.Array) -> jax.Array:
 
 
 def advance(ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: jax.Array) -> Phase:
-    """The phase after one more step.
+    """The phase after one more ordinary step.
 
     Args:
       ph: the phase the step ran in.
       cfg: the config.
-      can_predict: bool, whether a Predict phase may start (confidence and health).
+      can_predict: bool, whether a Predict phase may start after this step.
       next_horizon: int32, the length a Predict phase starting now would get.
-
-    Returns:
-      The phase for the next step.
     """
-    step = ph.phase_step + 1
-    done = step >= ph.phase_budget
+    step = ph.step + 1
+    done = step >= ph.budget
     may_predict = can_predict & (ph.consecutive < cfg.max_consecutive_predicts)
-    to_predict = ((ph.phase == FULL) | (ph.phase == CORRECT)) & may_predict
-    nxt = jnp.where(
-        ph.phase == PREDICT,
-        CORRECT,
-        jnp.where(to_predict, PREDICT, FULL),
-    ).astype(jnp.int32)
+    to_predict = ((ph.id == FULL) | (ph.id == CORRECT)) & may_predict
+    nxt = jnp.where(ph.id == PREDICT, CORRECT, jnp.where(to_predict, PREDICT, FULL))
     budget = jnp.select(
         [nxt == PREDICT, nxt == CORRECT],
-        [next_horizon, jnp.int32(cfg.correct_steps)],
-        jnp.int32(cfg.full_steps),
-    ).astype(jnp.int32)
+        [_i32(next_horizon), _i32(cfg.correct_steps)],
+        _i32(cfg.full_steps),
+    )
     consecutive = jnp.where(
         nxt == PREDICT, ph.consecutive + 1, jnp.where(nxt == FULL, 0, ph.consecutive)
-    ).astype(jnp.int32)
+    )
     return Phase(
-        phase=jnp.where(done, nxt, ph.phase),
-        phase_step=jnp.where(done, 0, step).astype(jnp.int32),
-        phase_budget=jnp.where(done, budget, ph.phase_budget),
-        consecutive=jnp.where(done, consecutive, ph.consecutive),
+        id=jnp.where(done, nxt, ph.id).astype(jnp.int32),
+        step=jnp.where(done, 0, step).astype(jnp.int32),
+        budget=jnp.maximum(jnp.where(done, budget, ph.budget), 1).astype(jnp.int32),
+        consecutive=jnp.where(done, consecutive, ph.consecutive).astype(jnp.int32),
     )
 
 
-def full_phase(n: jax.Array | int) -> Phase:
-    """A Full phase of ``n`` real steps (at least 1), starting now."""
-    return Phase(
-        phase=jnp.full((), FULL, jnp.int32),
-        phase_step=jnp.zeros((), jnp.int32),  # distinct buffers, so that they can be donated
-        phase_budget=jnp.maximum(jnp.asarray(n, jnp.int32), 1),
-        consecutive=jnp.zeros((), jnp.int32),
-    )
+def gate(cfg: HybridConfig, confidence: jax.Array, pending: Pending) -> jax.Array:
+    """Whether a Predict phase may start after the coming step: the last real step's
+    confidence passes the threshold, the step before asked for nothing else, and no
+    Predict phase awaits its verification."""
+    ok = jnp.isfinite(confidence) & (confidence >= cfg.confidence_threshold)
+    return ok & ~pending.veto & ~pending.force_full & ~pending.verify
+
+
+def after_real(
+    cfg: HybridConfig, ph: Phase, pending: Pending, can_predict: jax.Array, next_horizon
+) -> Phase:
+    """The phase after a real step that started in ``ph`` with ``pending``."""
+    regular = advance(ph, cfg, can_predict, next_horizon)
+    return _choose(pending.force_full, full_phase(cfg.full_steps), regular)
+
+
+def after_predicted(cfg: HybridConfig, ph: Phase, pending: Pending) -> Phase:
+    """The phase after a predicted step. A veto ends the Predict phase (a Correct phase
+    follows); a forced Full phase replaces it."""
+    regular = advance(ph, cfg, jnp.asarray(False), ph.budget)
+    ended = make(CORRECT, cfg.correct_steps, ph.consecutive)
+    out = _choose(pending.veto, ended, regular)
+    return _choose(pending.force_full, full_phase(cfg.full_steps), out)
+
+
+def may_end_into_predict(cfg: HybridConfig, ph: Phase) -> jax.Array:
+    """Whether a step in ``ph`` ends a Full or Correct phase after which a Predict phase
+    may start (the confidence aside)."""
+    ending = ((ph.id == FULL) | (ph.id == CORRECT)) & (ph.step + 1 >= ph.budget)
+    return ending & (ph.consecutive < cfg.max_consecutive_predicts)
 
 
 def observation_due(
-    cfg: HybridConfig,
-    ph: Phase,
-    unobserved: jax.Array,
-    pair_open: jax.Array,
-    pending_verify: jax.Array,
-    confidence: jax.Array,
+    cfg: HybridConfig, ph: Phase, unobserved: jax.Array, pair_open: jax.Array
 ) -> jax.Array:
-    """Whether a real step taken now in phase ``ph`` is observed (``cfg.observe_every``).
+    """Whether a real (not verifying) step taken now in phase ``ph`` is observed.
 
-    Observations come in pairs of consecutive real steps, so that one-step changes can
-    be learnt: a step is observed when ``observe_every - 2`` real steps have gone
-    unobserved, when it completes a pair (``pair_open``: the step before it was
-    observed, and the one before that was not), when it verifies a Predict phase, and
-    when a Predict phase may start after it: the phase ends with it and ``confidence``
-    (the last real step's) passes the threshold.
+    With ``observe_every = k > 2`` observations come in pairs of consecutive real
+    steps, so that one-step changes can be learnt: a step is observed when ``k - 2``
+    real steps have gone unobserved, when it completes a pair (``pair_open``), and when
+    a Predict phase may start after it (only observed steps start one).
     """
     if cfg.observe_every <= 2:
         return jnp.asarray(True)
-    ending = ((ph.phase == FULL) | (ph.phase == CORRECT)) & (ph.phase_step + 1 >= ph.phase_budget)
-    ending = ending & (ph.consecutive < cfg.max_consecutive_predicts)
-    may_start = ending & jnp.isfinite(confidence) & (confidence >= cfg.confidence_threshold)
     due = unobserved + 2 >= cfg.observe_every
-    return due | pair_open | pending_verify | may_start
+    return due | pair_open | may_end_into_predict(cfg, ph)
+
+
+def _choose(cond: jax.Array, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+class Schedule(NamedTuple):
+    """The part of the state after a step that decides the kind of the step after it."""
+
+    phase: Phase
+    verify: jax.Array  # bool: the next real step verifies
+    snapshot_valid: jax.Array  # bool: a Predict phase awaits its verification
+
+
+def schedule_after(
+    cfg: HybridConfig,
+    ph: Phase,
+    pending: Pending,
+    snapshot_valid: jax.Array,
+    *,
+    real: jax.Array | bool,
+    verifying: jax.Array | bool,
+    first: jax.Array | bool,
+    may_predict: jax.Array | bool,
+    next_horizon: jax.Array | int,
+) -> Schedule:
+    """The schedule after a step, from the state it started from (the one rule).
+
+    Args:
+      cfg: the config.
+      ph, pending, snapshot_valid: the state's.
+      real: the step is a real one (else predicted).
+      verifying: the step verifies a Predict phase.
+      first: the step is the first of a Predict phase.
+      may_predict: a Predict phase may start after this real step (``gate``, and the
+        step is observed).
+      next_horizon: the length of a Predict phase starting after it.
+    """
+    real = jnp.asarray(real)
+    idle = pending.veto | pending.force_full
+    ph_real = after_real(cfg, ph, pending, jnp.asarray(may_predict), next_horizon)
+    nxt = _choose(real, ph_real, after_predicted(cfg, ph, pending))
+    valid = jnp.where(
+        real,
+        snapshot_valid & ~jnp.asarray(verifying),
+        snapshot_valid | (jnp.asarray(first) & ~idle),
+    )
+    verify = jnp.where(real, pending.verify & ~jnp.asarray(verifying), (nxt.id != PREDICT) & valid)
+    return Schedule(phase=nxt, verify=verify, snapshot_valid=valid)

@@ -130,14 +130,9 @@ def builtin(config: Any) -> Predictor:
     """The built-in predictor named by ``config.predictor`` (a ``HybridConfig``)."""
     name = config.predictor
     if name == "rssm":
-        from ._rssm import RSSMSettings, rssm
+        from ._rssm import rssm
 
-        named = {
-            f: getattr(config, "rssm_" + f)
-            for f in RSSMSettings._fields
-            if hasattr(config, "rssm_" + f)
-        }
-        return rssm(RSSMSettings(**named, horizon=config.max_horizon))
+        return rssm(config.rssm, horizon=config.max_horizon)
     if name == "last_update":
         return last_update()
     if name == "extrapolate":

@@ -45,12 +45,14 @@ from flax import nnx
 from . import _rssm_kernel
 from ._encoder import n_features
 from ._predictors import Observation, PredictContext, Prediction, Predictor, PredictorSpec
+from .config import RSSMSettings
 
 PyTree = Any
 
 
-class RSSMSettings(NamedTuple):
-    """Sizes and rates of the dynamics model (from ``HybridConfig``'s ``rssm_*`` fields)."""
+class Sizes(NamedTuple):
+    """Sizes and rates of the dynamics model: ``hj.RSSMSettings``, the horizon, and the
+    sizes a ``PredictorSpec`` gives at ``init``."""
 
     members: int = 5
     hidden: int = 256
@@ -88,7 +90,7 @@ class Member(nnx.Module):
     """One RSSM: GRU core, prior, posterior, the two heads (as one output) and a decoder
     of the features (its reconstruction loss teaches the posterior what to keep)."""
 
-    def __init__(self, s: RSSMSettings, rngs: nnx.Rngs):
+    def __init__(self, s: Sizes, rngs: nnx.Rngs):
         z = s.latent_groups * s.latent_classes
         self.gru = nnx.GRUCell(z, s.hidden, rngs=rngs)
         self.prior = _MLP(s.hidden, s.mlp, z, rngs)
@@ -128,11 +130,11 @@ class RSSMState(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _graphdef(s: RSSMSettings) -> Any:
+def _graphdef(s: Sizes) -> Any:
     return nnx.split(Member(s, nnx.Rngs(0)))[0]
 
 
-def _probs(logits: jax.Array, s: RSSMSettings) -> jax.Array:
+def _probs(logits: jax.Array, s: Sizes) -> jax.Array:
     p = jax.nn.softmax(logits.reshape(s.latent_groups, s.latent_classes), -1)
     return 0.99 * p + 0.01 / s.latent_classes
 
@@ -158,7 +160,7 @@ def _chronological(w: Window) -> Window:
     return Window(*(a[idx] for a in w[:-1]), w.head)
 
 
-def _member_loss(params, gd, s: RSSMSettings, win: Window, boot: jax.Array, key, scale):
+def _member_loss(params, gd, s: Sizes, win: Window, boot: jax.Array, key, scale):
     """Window loss of one member and its filtered latent ``(h, z)`` at the newest step."""
     m = nnx.merge(gd, params)
     n = win.valid.shape[0]
@@ -194,7 +196,7 @@ def _member_loss(params, gd, s: RSSMSettings, win: Window, boot: jax.Array, key,
     return pred_loss + latent_loss, (h, z)
 
 
-def _member_rollout(params, gd, s: RSSMSettings, h: jax.Array, z: jax.Array) -> jax.Array:
+def _member_rollout(params, gd, s: Sizes, h: jax.Array, z: jax.Array) -> jax.Array:
     """Head outputs (H, 1 + G*B) along a rollout through the prior's modes."""
     m = nnx.merge(gd, params)
 
@@ -209,7 +211,7 @@ def _member_rollout(params, gd, s: RSSMSettings, h: jax.Array, z: jax.Array) -> 
     return m.head(jnp.concatenate([hs, zs], axis=-1))
 
 
-def _rollout(params, gd, s: RSSMSettings, h, z, kernel: bool | None = None) -> jax.Array:
+def _rollout(params, gd, s: Sizes, h, z, kernel: bool | None = None) -> jax.Array:
     """Every member's rollout: head outputs (M, H, 1 + G*B).
 
     With ``s.rollout_kernel`` on a GPU (``kernel=None``), each horizon step after the
@@ -244,7 +246,7 @@ def _rollout(params, gd, s: RSSMSettings, h, z, kernel: bool | None = None) -> j
     )
 
 
-def rollout_summary(outs: jax.Array, s: RSSMSettings) -> tuple[jax.Array, jax.Array, jax.Array]:
+def rollout_summary(outs: jax.Array, s: Sizes) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Ensemble mean coefficients (H, G, B), mean log-loss change (H,) in units of the
     running scale, and the relative spread (H,) from member outputs (M, H, 1 + G*B)."""
     coefs = outs[..., 1:].reshape(*outs.shape[:2], s.n_groups, s.basis_size)
@@ -255,7 +257,7 @@ def rollout_summary(outs: jax.Array, s: RSSMSettings) -> tuple[jax.Array, jax.Ar
 
 
 def ensemble_rollout(
-    s: RSSMSettings, params: PyTree, win: Window, key: jax.Array, scale: jax.Array
+    s: Sizes, params: PyTree, win: Window, key: jax.Array, scale: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Filters a window (chronological order) with every member and rolls out.
 
@@ -272,18 +274,22 @@ def ensemble_rollout(
     return loss, coefs, dlog, spread
 
 
-def rssm(settings: RSSMSettings) -> Predictor:
+def rssm(config: RSSMSettings | Sizes | None = None, *, horizon: int = 15) -> Predictor:
     """The RSSM-ensemble predictor (see the module docstring).
 
     Args:
-      settings: sizes and rates; ``n_features``, ``n_groups`` and ``basis_size`` are
-        filled in from the ``PredictorSpec`` at ``init``.
+      config: an ``hj.RSSMSettings`` (default: its defaults).
+      horizon: the longest rollout (``HybridConfig.max_horizon``).
 
     Returns:
       A ``Predictor`` named ``"rssm"``.
     """
+    if isinstance(config, Sizes):
+        settings = config
+    else:
+        settings = Sizes(**(config or RSSMSettings()).to_dict(), horizon=horizon)
 
-    def sized(state: RSSMState) -> RSSMSettings:
+    def sized(state: RSSMState) -> Sizes:
         _, g, b = state.rollout_coefs.shape
         return settings._replace(
             n_features=state.window.features.shape[1], n_groups=g, basis_size=b

@@ -10,6 +10,7 @@ from ._bandit import BanditState
 from ._basis import Basis
 from ._encoder import EncoderState
 from ._monitor import MonitorState
+from ._phases import Pending, Phase
 from ._residuals import Corrector, ResidualBuffer
 
 PyTree = Any
@@ -43,7 +44,7 @@ class Counters(NamedTuple):
     verifications: jax.Array  # Predict phases checked against real losses
     rollbacks: jax.Array  # times the parameters went back to a snapshot
     skipped_updates: jax.Array  # real steps whose non-finite loss or gradient was not applied
-    idle_steps: jax.Array  # dispatched predicted steps that found a real step due: did nothing
+    idle_steps: jax.Array  # predicted steps that applied nothing (vetoed by the step before)
 
 
 class StepInfo(NamedTuple):
@@ -67,7 +68,9 @@ class HybridState(NamedTuple):
 
     Attributes:
       inner: the wrapped optax optimizer's state (advances on real steps only).
-      phase, phase_step, phase_budget, consecutive: the phase machine (int32).
+      phase: the phase machine (``Phase``: id, step, budget, consecutive).
+      pending: what the last step asks of the next (``Pending``: verify, veto,
+        force_full); see ``hybrid_jax._phases``.
       step: steps taken, real and predicted (int32).
       basis: parameter-shaped directions built from real updates.
       transport: (G, B, B) map from the frozen basis to the virtual basis of a Predict phase.
@@ -78,7 +81,6 @@ class HybridState(NamedTuple):
       last: what the last step did.
       snapshot: the parameters at the start of the last Predict phase (for rollback).
       snapshot_valid: whether a Predict phase awaits its verification or outcome.
-      pending_verify: the next real step verifies the Predict phase that just ended.
       horizon_scale: the monitor's shrink factor of the horizon, in (0, 1].
       residuals: prediction-vs-reality records.
       corrector: the learned affine correction of the predictor.
@@ -87,10 +89,8 @@ class HybridState(NamedTuple):
     """
 
     inner: PyTree
-    phase: jax.Array
-    phase_step: jax.Array
-    phase_budget: jax.Array
-    consecutive: jax.Array
+    phase: Phase
+    pending: Pending
     step: jax.Array
     basis: Basis
     transport: jax.Array
@@ -101,7 +101,6 @@ class HybridState(NamedTuple):
     last: StepInfo
     snapshot: PyTree
     snapshot_valid: jax.Array
-    pending_verify: jax.Array
     horizon_scale: jax.Array
     residuals: ResidualBuffer
     corrector: Corrector

@@ -115,18 +115,23 @@ def _unpack(vec: np.ndarray) -> Row:
     return row
 
 
+STEPPINGS = ("dispatched", "cond")
+
+
 def make_train_step(
-    loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *, dispatched: bool = False
+    loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *, stepping: str = "dispatched"
 ) -> Callable[..., tuple[PyTree, Any, jax.Array]]:
     """A jitted step ``(params, carry, batch) -> (params, carry, packed metrics)``.
 
-    For an ``hj.predictive`` transformation it is ``hybrid_step`` (or, with
-    ``dispatched=True``, ``make_dispatched_step``'s programs) and ``carry`` is the
+    For an ``hj.predictive`` transformation it is ``make_dispatched_step``'s programs
+    (``stepping="dispatched"``) or ``hybrid_step`` (``"cond"``) and ``carry`` is the
     ``HybridState``; for any other optax optimizer it is the plain ``value_and_grad`` +
     update step (the baseline) and ``carry`` is ``(optax state, int32 step)``. Params
     and carry are donated.
     """
-    if isinstance(tx, PredictiveTransformation) and dispatched:
+    if stepping not in STEPPINGS:
+        raise ValueError(f"train: stepping must be one of {STEPPINGS}; got {stepping!r}")
+    if isinstance(tx, PredictiveTransformation) and stepping == "dispatched":
         chosen = DispatchedStep(loss_fn, tx, metrics_fn=lambda s: _pack(metrics(s)))
 
         def dispatched_step(params, state, batch):
@@ -170,7 +175,7 @@ def train(
     memory: MemoryMonitor | None = None,
     progress: bool = True,
     desc: str = "train",
-    dispatched: bool = False,
+    stepping: str = "dispatched",
 ) -> TrainResult:
     """Trains for ``steps`` steps with ``tx`` (a hybrid or a plain optax optimizer).
 
@@ -192,8 +197,11 @@ def train(
       memory: sampled at every fetch; its emergency triggers a checkpoint.
       progress: show a progress bar (tqdm when installed, else a line per fetch).
       desc: label of the progress bar.
-      dispatched: step a hybrid with ``make_dispatched_step`` (the branch chosen on the
-        host a step ahead; faster on a GPU) instead of ``make_hybrid_step``.
+      stepping: how a hybrid steps: ``"dispatched"`` (``make_dispatched_step``: one
+        program per kind of step, chosen on the host a step ahead; the default, as fast
+        as a plain optax step on the CPU and faster on a GPU) or ``"cond"``
+        (``make_hybrid_step``: one ``lax.switch`` on the device). Both take the same
+        steps and reach the same parameters.
 
     Returns:
       A ``TrainResult``.
@@ -216,7 +224,7 @@ def train(
     if start >= steps:
         return result
 
-    step_fn = make_train_step(loss_fn, tx, dispatched=dispatched)
+    step_fn = make_train_step(loss_fn, tx, stepping=stepping)
     plain = not isinstance(tx, PredictiveTransformation)
     carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
     batches = data(start)

@@ -115,6 +115,40 @@ def mlp_accuracy(params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Arra
     return jnp.mean(jnp.argmax(mlp_logits(params, x), -1) == labels)
 
 
+def cnn_init(key: jax.Array, channels: tuple[int, int] = (16, 32)) -> dict[str, jax.Array]:
+    """A small convolutional net for the 8x8 digits: two 3x3 convolutions (ReLU), a mean
+    over the image, a dense layer to 10 classes (He-initialised, float32)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    c1, c2 = channels
+    he = lambda k, shape, fan_in: jax.random.normal(k, shape, jnp.float32) * jnp.sqrt(2.0 / fan_in)
+    return {
+        "conv0": he(k1, (3, 3, 1, c1), 9),
+        "bias0": jnp.zeros((c1,), jnp.float32),
+        "conv1": he(k2, (3, 3, c1, c2), 9 * c1),
+        "bias1": jnp.zeros((c2,), jnp.float32),
+        "dense": he(k3, (c2, 10), c2),
+        "bias2": jnp.zeros((10,), jnp.float32),
+    }
+
+
+def cnn_logits(params: PyTree, x: jax.Array) -> jax.Array:
+    """Forward pass on flat digits ``x`` of shape (n, 64)."""
+    h = x.reshape(-1, 8, 8, 1)
+    for i in range(2):
+        h = jax.lax.conv_general_dilated(
+            h, params[f"conv{i}"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        h = jax.nn.relu(h + params[f"bias{i}"])
+    return h.mean(axis=(1, 2)) @ params["dense"] + params["bias2"]
+
+
+def cnn_loss(params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Mean softmax cross-entropy of the CNN on ``batch = (x, labels)``."""
+    x, labels = batch
+    logits = cnn_logits(params, x).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
 # -- byte-level language modelling on offline text -----------------------------------
 
 

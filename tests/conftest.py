@@ -32,19 +32,8 @@ def quadratic_batches(n, seed=0):
     return [jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(n)]
 
 
-# Thresholds so high that the safety layer never changes the schedule.
-SAFETY_OFF = dict(
-    horizon_shrink=1.0,
-    verify_tolerance=1e9,
-    monitor_loss_z_caution=1e6,
-    monitor_loss_z_warning=2e6,
-    monitor_loss_z_critical=3e6,
-    monitor_grad_explode=1e9,
-    monitor_grad_vanish=1e-9,
-    monitor_pred_error_caution=1e9,
-    monitor_pred_error_warning=1e9,
-    monitor_oscillation_amplitude=1e9,
-)
+# The safety layer never changes the schedule: the monitor off, every phase accepted.
+SAFETY_OFF = dict(horizon_shrink=1.0, verify_tolerance=1e9, monitor=None)
 
 
 def quadratic_run_until_predict(tx, n_batches):
@@ -56,7 +45,7 @@ def quadratic_run_until_predict(tx, n_batches):
     state = tx.init(params)
     step = hj.make_hybrid_step(quadratic_loss, tx)
     batches = iter(quadratic_batches(n_batches))
-    while int(state.phase) != hj.PREDICT:
+    while int(state.phase.id) != hj.PREDICT:
         params, state, _ = step(params, state, next(batches))
     return step, params, state, batches
 
@@ -99,3 +88,10 @@ def run_digits(split, tx, steps, seed, batch_size=64):
     )
     held_out = float(tasks.mlp_loss(res.params, (split.x_test, split.y_test)))
     return res.params, res.state, res.rows[-1], held_out
+
+
+def pytest_collection_modifyitems(items):
+    """The notebooks run in the slow tier (``pytest -m "not slow"`` leaves them out)."""
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)

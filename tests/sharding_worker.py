@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import hybrid_jax as hj
-from hybrid_jax import _sharding as hs
+from hybrid_jax import sharding as hs
 from hybrid_jax import tasks
 
 MODEL = tasks.GPTConfig(vocab=256, seq_len=32, d_model=64, n_layers=2, n_heads=4)

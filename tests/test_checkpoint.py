@@ -76,7 +76,7 @@ def test_round_trip_is_bit_exact_and_keeps_types(tmp_path, trained):
             step, p2, s2, extra2 = ck.restore(params_like, state_like)
             assert step == 6
             assert type(s2) is type(state_like) is hj.HybridState
-            assert type(s2.stats) is hj.Stats and type(s2.last) is hj.StepInfo
+            assert type(s2.stats) is hj._state.Stats and type(s2.last) is hj._state.StepInfo
             assert type(s2.inner[0]) is type(state.inner[0])
             assert p2["h"].dtype == jnp.bfloat16
             assert_bit_equal(p2, params)

@@ -22,34 +22,66 @@ def test_is_an_optax_extra_args_transformation():
     assert callable(tx.needs_gradient) and callable(tx.predicted_update)
 
 
-def test_works_inside_chain_with_unexpected_extra_keyword():
-    tx = optax.chain(optax.clip_by_global_norm(1.0), hj.predictive(optax.adam(1e-2), fast_config()))
+def _chain_run(with_snapshot_loss, n=60):
+    hybrid = hj.predictive(optax.adam(1e-2), fast_config())
+    tx = optax.chain(optax.clip_by_global_norm(1.0), hybrid)
     params = quadratic_params()
     state = tx.init(params)
-    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v, unexpected_key=3))
-    phases = set()
-    for batch in quadratic_batches(40):
+
+    @jax.jit
+    def update(params, state, batch):
         loss, grads = _grads(params, batch)
-        updates, state = update(grads, state, params, loss)
-        params = optax.apply_updates(params, updates)
-        phases.add(int(state[1].last.phase))
-    assert hj.PREDICT in phases
-    assert float(quadratic_loss(params, quadratic_batches(1)[0])) < float(
-        quadratic_loss(quadratic_params(), quadratic_batches(1)[0])
-    )
+        extra = {"unexpected_key": 3}  # other members of a chain get extra args too
+        if with_snapshot_loss:
+            extra["snapshot_value"] = hybrid.snapshot_loss(quadratic_loss, state[1], batch)
+        updates, state = tx.update(grads, state, params, value=loss, **extra)
+        return optax.apply_updates(params, updates), state, hj.metrics(state[1])
+
+    rows = []
+    for batch in quadratic_batches(n):
+        params, state, m = update(params, state, batch)
+        rows.append(jax.device_get(m))
+    return rows, state[1]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("basis_dtype", ["float32", "params"])
+def test_optax_path_verifies_every_predict_phase_given_the_snapshot_loss():
+    rows, state = _chain_run(with_snapshot_loss=True)
+    phases = [int(r["phase"]) for r in rows]
+    ends = [i for i in range(1, len(rows)) if phases[i - 1] == hj.PREDICT != phases[i]]
+    assert len(ends) >= 3
+    # the first real step after every Predict phase verifies it
+    assert all(bool(rows[i]["verified"]) and bool(rows[i]["used_gradient"]) for i in ends)
+    assert int(state.counters.verifications) == len(ends)
+
+
+def test_optax_path_without_the_snapshot_loss_never_predicts_and_warns_once():
+    with pytest.warns(UserWarning, match="snapshot_value") as record:
+        rows, state = _chain_run(with_snapshot_loss=False)
+    assert sum("snapshot_value" in str(w.message) for w in record) == 1
+    assert all(int(r["phase"]) != hj.PREDICT for r in rows)
+    assert int(state.counters.predicted_steps) == 0
+    assert int(state.counters.backward_passes) == len(rows)
+
+
+@pytest.mark.parametrize(
+    "dtype,basis_dtype",
+    [
+        (jnp.float32, "float32"),
+        (jnp.bfloat16, "params"),
+        pytest.param(jnp.bfloat16, "float32", marks=pytest.mark.slow),
+        pytest.param(jnp.float32, "params", marks=pytest.mark.slow),
+    ],
+)
 def test_update_keeps_state_structure_shapes_and_dtypes(dtype, basis_dtype):
-    tx = hj.predictive(optax.adamw(1e-2), fast_config(basis_dtype=basis_dtype))
+    tx = hj.predictive(optax.adamw(1e-2), fast_config(basis=hj.BasisSettings(dtype=basis_dtype)))
     params = quadratic_params(dtype)
     state0 = tx.init(params)
     update = jax.jit(tx.update)
     state = state0
     for batch in quadratic_batches(30):
         loss, grads = _grads(params, batch)
-        updates, state = update(grads, state, params, value=loss)
+        snap = tx.snapshot_loss(quadratic_loss, state, batch)
+        updates, state = update(grads, state, params, value=loss, snapshot_value=snap)
         chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
         params = optax.apply_updates(params, updates)
         chex.assert_trees_all_equal_shapes_and_dtypes(params, quadratic_params(dtype))
@@ -65,9 +97,11 @@ def test_update_is_jitted_once():
     update = jax.jit(tx.update)
     for batch in quadratic_batches(30):
         loss, grads = _grads(params, batch)
-        updates, state = update(grads, state, params, value=loss)
+        snap = tx.snapshot_loss(quadratic_loss, state, batch)
+        updates, state = update(grads, state, params, value=loss, snapshot_value=snap)
         params = optax.apply_updates(params, updates)
     assert update._cache_size() == 1
+    assert int(state.counters.predicted_steps) > 0
 
 
 def test_donation_raises_no_warning_and_consumes_inputs():
@@ -85,6 +119,7 @@ def test_donation_raises_no_warning_and_consumes_inputs():
     assert all(x.is_deleted() for x in jax.tree.leaves((old_state.inner, old_state.basis)))
 
 
+@pytest.mark.slow
 def test_optax_path_and_hybrid_step_agree():
     """``tx.update`` in a plain loop gives the same parameters as ``hybrid_step``."""
     cfg = fast_config()
@@ -109,6 +144,7 @@ def test_optax_path_and_hybrid_step_agree():
     assert int(state.counters.backward_passes) == int(s2.counters.backward_passes)
 
 
+@pytest.mark.slow
 def test_converges_on_a_quadratic():
     tx = hj.predictive(optax.adam(5e-2), fast_config())
     params = quadratic_params()

@@ -2,9 +2,12 @@
 
 import numpy as np
 import optax
+import pytest
 from conftest import run_digits
 
 import hybrid_jax as hj
+
+pytestmark = pytest.mark.slow  # end-to-end runs of hundreds of steps
 
 STEPS, LR, SEEDS = 1000, 3e-4, (0, 1, 2)
 

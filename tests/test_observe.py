@@ -12,8 +12,7 @@ from hybrid_jax import _dispatch
 
 def _full(state, budget=10_000):
     """The state pinned in a long Full phase."""
-    i32 = lambda x: jnp.asarray(x, jnp.int32)
-    return state._replace(phase=i32(hj.FULL), phase_step=i32(0), phase_budget=i32(budget))
+    return state._replace(phase=hj._phases.full_phase(budget))
 
 
 def test_pairs_of_observed_steps_and_plain_steps_in_between():
@@ -55,8 +54,8 @@ def test_one_and_two_observe_every_real_step():
         cfg = hj.HybridConfig(warmup_steps=0, observe_every=k)
         tx = hj.predictive(optax.adam(1e-2), cfg)
         state = _full(tx.init(quadratic_params()))
-        assert bool(tx.observes(state))
-        assert _dispatch.kinds_used(tx) == (0, 1, 2, 3)
+        assert int(hj._kinds.kind_of(cfg, state)) == _dispatch.REAL
+        assert hj._kinds.kinds_used(cfg) == (0, 1, 2, 3)
 
 
 def test_unobserved_step_skips_a_nonfinite_gradient():
@@ -64,7 +63,7 @@ def test_unobserved_step_skips_a_nonfinite_gradient():
     tx = hj.predictive(optax.adam(1e-2), cfg)
     params = quadratic_params()
     state = _full(tx.init(params))
-    assert not bool(tx.observes(state))
+    assert int(hj._kinds.kind_of(cfg, state)) == _dispatch.PLAIN
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
     grads["w"] = grads["w"].at[2, 1].set(jnp.inf)
     updates, new = jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0))(grads, state, params)
@@ -78,26 +77,28 @@ def test_verification_and_the_step_before_a_predict_phase_are_observed():
     tx = hj.predictive(optax.adam(1e-2), cfg)
     state = tx.init(quadratic_params())
     i32 = lambda x: jnp.asarray(x, jnp.int32)
-    mid = state._replace(
-        phase=i32(hj.FULL),
-        phase_step=i32(2),
-        stats=state.stats._replace(confidence=jnp.float32(0.5)),
+    mid = state._replace(phase=state.phase._replace(id=i32(hj.FULL), step=i32(2), budget=i32(7)))
+    last = mid._replace(phase=mid.phase._replace(step=i32(6)))
+    kind = lambda s: int(hj._kinds.kind_of(cfg, s))
+    assert kind(mid) == hj._kinds.PLAIN
+    # the phase ends and a Predict phase may follow: observed, whatever the confidence
+    # (the kind of a step never depends on what the step before it measured)
+    assert kind(last) == hj._kinds.REAL
+    no_more = last._replace(
+        phase=last.phase._replace(consecutive=i32(cfg.max_consecutive_predicts))
     )
-    last = mid._replace(phase_step=i32(6))
-    assert not bool(tx.observes(mid))
-    assert bool(tx.observes(last))  # the phase ends and the confidence passes: it may start
-    low = last._replace(stats=last.stats._replace(confidence=jnp.float32(jnp.nan)))
-    assert not bool(tx.observes(low))
-    assert bool(tx.observes(mid._replace(pending_verify=jnp.asarray(True))))
+    assert kind(no_more) == hj._kinds.PLAIN
+    verifying = mid._replace(pending=mid.pending._replace(verify=jnp.asarray(True)))
+    assert kind(verifying) == hj._kinds.VERIFY
 
 
-def test_an_unobserved_step_leaves_a_pending_verification_to_the_next():
+def test_a_pending_verification_is_always_an_observed_verifying_step():
     cfg = hj.HybridConfig(warmup_steps=0, observe_every=8)
     tx = hj.predictive(optax.adam(1e-2), cfg)
     params = quadratic_params()
-    state = _full(tx.init(params))._replace(pending_verify=jnp.asarray(True))
+    state = _full(tx.init(params))
+    state = state._replace(pending=state.pending._replace(verify=jnp.asarray(True)))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
-    _, new = tx.real_update(grads, state, params, value=1.0, snapshot_value=1.0, observe=False)
-    assert bool(new.pending_verify) and int(new.counters.verifications) == 0
-    _, new = tx.real_update(grads, state, params, value=1.0, snapshot_value=1.0)
-    assert not bool(new.pending_verify) and int(new.counters.verifications) == 1
+    _, new = tx.update(grads, state, params, value=1.0, snapshot_value=1.0)
+    assert not bool(new.pending.verify)
+    assert int(new.counters.verifications) == 1 and int(new.counters.observed_steps) == 1

@@ -18,7 +18,7 @@ import hybrid_jax as hj
 def documented_schedule(cfg, n, may_predict=lambda step: True):
     """The schedule of ``HybridConfig``'s docstring, in plain Python.
 
-    ``may_predict(step)`` says whether the confidence after real step ``step`` passes.
+    ``may_predict(step)`` says whether a Predict phase may follow step ``step``.
     """
     phases = []
     if cfg.warmup_steps > 0:
@@ -96,8 +96,9 @@ def test_predict_phases_wait_for_confidence():
     tx = hj.predictive(optax.sgd(0.01), cfg, predictor=gated_predictor(20))
     metrics, _ = run_phases(tx, 60)
     got = [int(m["phase"]) for m in metrics]
-    assert got == documented_schedule(cfg, 60, may_predict=lambda step: step >= 20)
-    assert hj.PREDICT not in got[:21] and hj.PREDICT in got
+    # the decision at the end of a phase reads the confidence of the real step before
+    assert got == documented_schedule(cfg, 60, may_predict=lambda step: step - 1 >= 20)
+    assert hj.PREDICT not in got[:22] and hj.PREDICT in got
 
 
 def test_confidence_horizon_policy_scales_with_confidence():

@@ -10,7 +10,7 @@ from hybrid_jax._predictors import Observation, PredictContext, PredictorSpec
 
 G, B = 3, 2
 F = _encoder.n_features(B)
-SETTINGS = _rssm.RSSMSettings(
+SETTINGS = _rssm.Sizes(
     members=5, hidden=64, mlp=64, window=16, horizon=5, learning_rate=1e-3, seed=0
 )
 
@@ -75,6 +75,7 @@ def trained():
     return pred, state, held_out, at_init
 
 
+@pytest.mark.slow
 def test_one_step_loss_prediction_error_falls_5x(trained):
     _, _, held, init = trained
     err = lambda pred, out: float(jnp.mean((pred - out[4][1:]) ** 2))
@@ -84,6 +85,7 @@ def test_one_step_loss_prediction_error_falls_5x(trained):
     assert learned * 5 <= at_init
 
 
+@pytest.mark.slow
 def test_predicted_coefficients_reach_cosine_09_on_held_out_steps(trained):
     _, _, held, _ = trained
     pred, true = held[0][1:].reshape(-1, G * B), held[3][1:].reshape(-1, G * B)
@@ -102,6 +104,7 @@ def expected_calibration_error(conf, acc, bins=10):
     )
 
 
+@pytest.mark.slow
 def test_confidence_is_calibrated_against_realised_accuracy(trained):
     _, _, held, _ = trained
     ece = expected_calibration_error(held[2][1:], held[5][1:])
@@ -109,6 +112,7 @@ def test_confidence_is_calibrated_against_realised_accuracy(trained):
     assert ece <= 0.1
 
 
+@pytest.mark.slow
 def test_ensemble_spread_is_larger_out_of_distribution(trained):
     _, state, _, _ = trained
     s = SETTINGS._replace(n_features=F, n_groups=G, basis_size=B)
@@ -123,6 +127,7 @@ def test_ensemble_spread_is_larger_out_of_distribution(trained):
     assert float(out[0]) > 1.5 * float(in_dist[0]), (float(out[0]), float(in_dist[0]))
 
 
+@pytest.mark.slow
 def test_observe_and_predict_keep_shapes_and_compile_once():
     pred = _rssm.rssm(SETTINGS._replace(members=2, hidden=16, mlp=16, window=4))
     state = pred.init(PredictorSpec(G, B, None))
@@ -135,6 +140,7 @@ def test_observe_and_predict_keep_shapes_and_compile_once():
     assert observe._cache_size() == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("horizon", [2, 15, 50])
 def test_rollout_kernel_matches_the_module_rollout(horizon):
     """The Pallas rollout step (interpreted here; compiled through Triton on a GPU) gives
@@ -161,6 +167,7 @@ def test_rollout_kernel_refuses_sizes_it_cannot_tile():
         _rssm._rollout(None, None, s, None, None, kernel=True)
 
 
+@pytest.mark.slow
 def test_train_every_trains_on_every_kth_observation_and_refilters_the_rest():
     pred = _rssm.rssm(SETTINGS._replace(members=2, hidden=16, mlp=16, window=4, train_every=3))
     state = pred.init(PredictorSpec(G, B, None))

@@ -1,4 +1,4 @@
-"""Sharded hybrid steps (``hybrid_jax._sharding``) on 8 forced CPU devices, and on two
+"""Sharded hybrid steps (``hybrid_jax.sharding``) on 8 forced CPU devices, and on two
 local processes of 4 devices each.
 
 A small GPT trains 120 steps through every phase three ways: on one device (plain
@@ -9,7 +9,7 @@ over the 8 devices, batch split). The runs happen in a subprocess
 
 Measured on 2 CPU cores (jax 0.10.2): the sharded params differ from the single-device
 ones by at most ~7e-7 (data parallel) and ~2.2e-6 (FSDP) in absolute terms after 120
-steps, the float metrics by a relative ~2.3e-6 at most (``update_norm``), and every phase,
+steps, the float metrics by a relative ~5e-5 at most (``update_norm``), and every phase,
 counter and flag is identical. The subprocess takes 35-55 s (three compilations of 6-11 s each).
 
 The first tests check the rules in this process, on its single device.
@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import hybrid_jax as hj
-from hybrid_jax import _sharding as hs
+from hybrid_jax import sharding as hs
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "sharding_worker.py"
@@ -41,7 +41,7 @@ STEPS = 120
 
 # tolerances against the single-device run (measured maxima in the module docstring)
 PARAMS_RTOL, PARAMS_ATOL = 1e-4, 1e-5
-METRIC_RTOL, METRIC_ATOL = 1e-5, 1e-6
+METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-6
 EXACT_METRICS = {
     "step",
     "phase",
@@ -99,7 +99,9 @@ def test_rules_and_state_shardings_on_one_device():
     assert adam.mu["w"] == fsdp["w"] and adam.nu["b"] == fsdp["b"]
     assert adam.count.spec == P()
     # the hybrid state: basis with a leading replicated axis, snapshot like the params
-    tx = hj.predictive(optax.sgd(0.1, momentum=0.9), hj.HybridConfig(basis_size=3))
+    tx = hj.predictive(
+        optax.sgd(0.1, momentum=0.9), hj.HybridConfig(basis=hj.BasisSettings(size=3))
+    )
     sh = hs.state_shardings(tx, params, fsdp, mesh)
     assert jax.tree.structure(sh) == jax.tree.structure(jax.eval_shape(tx.init, params))
     assert sh.basis.ring["w"].spec == P(None, "data", None)
@@ -159,6 +161,7 @@ def _group(arrays, prefix):
     return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dp", "fsdp"])
 def test_sharded_run_matches_single_device(mesh_run, kind):
     report, arrays = mesh_run
@@ -192,12 +195,14 @@ def test_sharded_run_matches_single_device(mesh_run, kind):
     print(f"[{kind}] params max |diff| {max_abs:.2e}; metrics max |diff| {worst}")
 
 
+@pytest.mark.slow
 def test_each_step_compiles_once(mesh_run):
     report, _ = mesh_run
     assert report["cache_size"] == {"single": 1, "dp": 1, "fsdp": 1}
     print("timings:", json.dumps(report["timing"], indent=1))
 
 
+@pytest.mark.slow
 def test_fsdp_state_is_sharded_like_params(mesh_run):
     report, _ = mesh_run
     p_specs, s_specs = report["fsdp_params_specs"], report["fsdp_state_specs"]
@@ -227,6 +232,7 @@ def test_fsdp_state_is_sharded_like_params(mesh_run):
     assert b["fsdp"] < b["dp"] / 4
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_round_trip(mesh_run):
     report, _ = mesh_run
     ck = report["checkpoint"]
@@ -243,6 +249,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes(tmp_path):
     """Two local processes (``jax.distributed.initialize``, 4 CPU devices each): FSDP over
     the 8 devices, each process feeding its half of the batch, 24 steps through every

@@ -1,6 +1,5 @@
 """The driver, exact resume, checkpoint failures, memory emergencies and the CLI."""
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -19,10 +18,7 @@ CFG = hj.HybridConfig(
     correct_steps=3,
     max_horizon=5,
     predictor="rssm",
-    rssm_hidden=32,
-    rssm_mlp=32,
-    rssm_members=2,
-    rssm_window=8,
+    rssm=hj.RSSMSettings(hidden=32, mlp=32, members=2, window=8),
 )
 
 
@@ -34,6 +30,7 @@ def _setup(split):
     return tx, data
 
 
+@pytest.mark.slow
 def test_train_returns_rows_evals_and_matches_a_bare_loop(digits_split):
     tx, data = _setup(digits_split)
     res = hj.train(
@@ -60,11 +57,10 @@ def test_train_returns_rows_evals_and_matches_a_bare_loop(digits_split):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), res.params, params)
 
 
-def test_train_dispatched_takes_the_same_steps(digits_split):
-    # (with a confidence gate the dispatched step decides on the previous real step's
-    # confidence, so the two would differ where it crosses the threshold)
+@pytest.mark.slow
+def test_train_steppings_take_the_same_steps(digits_split):
     _, data = _setup(digits_split)
-    tx = hj.predictive(optax.adamw(1e-3), dataclasses.replace(CFG, confidence_threshold=0.0))
+    tx = hj.predictive(optax.adamw(1e-3), CFG)
     runs = [
         hj.train(
             tasks.mlp_loss,
@@ -74,9 +70,9 @@ def test_train_dispatched_takes_the_same_steps(digits_split):
             steps=100,
             sync_every=16,
             progress=False,
-            dispatched=dispatched,
+            stepping=stepping,
         )
-        for dispatched in (False, True)
+        for stepping in ("cond", "dispatched")
     ]
     a, b = ([(r["phase"], r["used_gradient"], r["verified"]) for r in x.rows] for x in runs)
     assert a == b and {p for p, _, _ in a} >= {hj.WARMUP, hj.FULL, hj.PREDICT}
@@ -113,6 +109,7 @@ hj.report.write_jsonl(res.rows, sys.argv[2])
     return go
 
 
+@pytest.mark.slow
 def test_resume_is_exact_across_processes(tmp_path, digits_split):
     go = _run_resume(tmp_path / "a", 300, 150, digits_split)
     straight = go(300, tmp_path / "straight.jsonl")
@@ -132,6 +129,7 @@ def test_resume_is_exact_across_processes(tmp_path, digits_split):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), (pa, sa), (pb, sb))
 
 
+@pytest.mark.slow
 def test_memory_emergency_triggers_a_checkpoint(tmp_path, digits_split):
     tx, data = _setup(digits_split)
     level = {"bytes": 10}
@@ -183,6 +181,7 @@ def test_bad_arguments_raise(digits_split):
         hj.train(tasks.mlp_loss, tx, p, data, steps=5, resume=True)
 
 
+@pytest.mark.slow
 def test_cli_main_job_writes_metrics_plots_and_comparison(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(

@@ -8,7 +8,7 @@ change: the ``lax.cond`` between the real and the predicted branch is compiled o
 the whole mesh, and XLA inserts the collectives (the gradient and the Gram products are
 reduced across the mesh)::
 
-    from hybrid_jax import _sharding as hs
+    from hybrid_jax import sharding as hs
 
     mesh = hs.data_mesh()                                   # 1-D mesh "data", Auto axes
     p_sh = hs.param_shardings(params, mesh, "fsdp")

@@ -1,0 +1,183 @@
+"""The kinds of step, described once.
+
+=============  ==============================================================
+kind           what it does
+=============  ==============================================================
+real           forward, backward, the wrapped optimizer's update, observed
+verify         the same, plus the forward pass at the snapshot that checks the
+               Predict phase that just ended (rolled back if it fails)
+predict_first  the first predicted step of a Predict phase: takes the snapshot
+predict        a predicted step: no forward pass, no backward pass
+plain          a real step the hybrid does not observe (``observe_every > 2``):
+               the optimizer's step with the safety checks
+=============  ==============================================================
+
+``kind_of(cfg, state)`` says which kind ``state`` wants next. The on-device step
+(``make_hybrid_step``: one ``lax.switch`` over the kinds), the host-dispatched step
+(``make_dispatched_step``: one compiled program per kind) and the sharded step all
+compose these same kinds, so they take the same steps. By the phase machine's one
+rule (``hybrid_jax._phases``), ``kind_after_next(cfg, state)`` is exact: the kind of
+the step after the next is known from the state before the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _encoder, _phases
+from ._state import HybridState
+from .config import HybridConfig
+
+PyTree = Any
+
+REAL, VERIFY, PREDICT_FIRST, PREDICT, PLAIN = 0, 1, 2, 3, 4
+KIND_NAMES = ("real", "verify", "predict_first", "predict", "plain")
+
+
+def kinds_used(cfg: HybridConfig) -> tuple[int, ...]:
+    """The kinds a run can need (``plain`` only with ``observe_every > 2``)."""
+    return (REAL, VERIFY, PREDICT_FIRST, PREDICT) + ((PLAIN,) if cfg.observe_every > 2 else ())
+
+
+def kind_of(cfg: HybridConfig, state: HybridState) -> jax.Array:
+    """The kind of step ``state`` wants next (int32, an index into ``KIND_NAMES``)."""
+    ph, enc = state.phase, state.encoder
+    observed = _phases.observation_due(cfg, ph, enc.unobserved, _encoder.pair_open(enc, state.step))
+    real = jnp.where(state.pending.verify, VERIFY, jnp.where(observed, REAL, PLAIN))
+    predicted = jnp.where(ph.step == 0, PREDICT_FIRST, PREDICT)
+    return jnp.where(ph.id == _phases.PREDICT, predicted, real).astype(jnp.int32)
+
+
+def kind_after_next(cfg: HybridConfig, state: HybridState) -> jax.Array:
+    """The kind of the step after the next one, from ``state`` alone (exact)."""
+    kind = kind_of(cfg, state)
+    real = (kind == REAL) | (kind == VERIFY) | (kind == PLAIN)
+    observed = (kind == REAL) | (kind == VERIFY)
+    may = _phases.gate(cfg, state.stats.confidence, state.pending) & observed
+    sched = _phases.schedule_after(
+        cfg,
+        state.phase,
+        state.pending,
+        state.snapshot_valid,
+        real=real,
+        verifying=kind == VERIFY,
+        first=kind == PREDICT_FIRST,
+        may_predict=may,
+        next_horizon=1,
+    )
+    moved = _encoder.after_real_step(state.encoder, state.step, observed)
+    encoder = jax.tree.map(lambda a, b: jnp.where(real, a, b), moved, state.encoder)
+    nxt = state._replace(
+        phase=sched.phase,
+        pending=state.pending._replace(verify=sched.verify),
+        encoder=encoder,
+        step=state.step + 1,
+    )
+    return kind_of(cfg, nxt)
+
+
+def switch(cfg: HybridConfig, state: HybridState, branches: dict[int, Callable], *operands):
+    """``branches[kind_of(cfg, state)](*operands)`` on the device (one ``lax.switch``
+    over the kinds this config can need)."""
+    used = kinds_used(cfg)
+    index = jnp.zeros((), jnp.int32)
+    kind = kind_of(cfg, state)
+    for i, k in enumerate(used):
+        index = jnp.where(kind == k, i, index)
+    return jax.lax.switch(index, [branches[k] for k in used], *operands)
+
+
+def loss_with_aux(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
+    """``loss_fn`` as ``(params, batch) -> (float scalar loss, aux or None)``, checked."""
+
+    def with_aux(p: PyTree, b: Any) -> tuple[jax.Array, Any]:
+        out = loss_fn(p, b)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"loss_fn must return (loss, aux) when has_aux=True; got {type(out).__name__}"
+                )
+            loss, aux = out
+        else:
+            if isinstance(out, tuple):
+                raise TypeError(
+                    f"loss_fn returned a tuple of {len(out)}: if it returns (loss, aux), "
+                    "pass has_aux=True"
+                )
+            loss, aux = out, None
+        loss = jnp.asarray(loss)
+        if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+            raise TypeError(f"loss_fn must return a float scalar; got {loss.dtype}{loss.shape}")
+        return loss, aux
+
+    return with_aux
+
+
+def missing(shape: Any) -> Any:
+    """NaN (floats) or zeros (other dtypes) shaped like ``shape`` (from ``eval_shape``)."""
+
+    def fill(s: jax.ShapeDtypeStruct) -> jax.Array:
+        if jnp.issubdtype(s.dtype, jnp.inexact):
+            return jnp.full(s.shape, jnp.nan, s.dtype)
+        return jnp.zeros(s.shape, s.dtype)
+
+    return jax.tree.map(fill, shape)
+
+
+def real_step(with_aux: Callable, tx: Any, *, verify: bool, observe: bool) -> Callable:
+    """A real kind as ``(params, state, batch) -> (params, state, aux)``."""
+
+    def run(params: PyTree, state: HybridState, batch: Any):
+        snap = None
+        if verify:
+            snap = with_aux(state.snapshot, batch)[0].astype(jnp.float32)
+        (loss, aux), grads = jax.value_and_grad(with_aux, has_aux=True)(params, batch)
+        updates, new = tx.real_update(
+            grads, state, params, value=loss, snapshot_value=snap, verify=verify, observe=observe
+        )
+        stepped = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        if verify:  # a rollback restores the snapshot exactly
+            back = new.last.rolled_back
+            stepped = jax.tree.map(lambda p, s: jnp.where(back, s, p), stepped, state.snapshot)
+        return stepped, new, aux
+
+    return run
+
+
+def predicted_step(with_aux: Callable, tx: Any, *, first: bool, aux_shape: Any) -> Callable:
+    """A predicted kind as ``(params, state, batch) -> (params, state, aux)``: the
+    predicted update, plus the monitor's forward pass every ``monitor_every`` steps."""
+    cfg = tx.config
+
+    def run(params: PyTree, state: HybridState, batch: Any):
+        aux, loss = missing(aux_shape), None
+        if cfg.monitor_every > 0:
+
+            def forward(_: Any) -> tuple[jax.Array, Any]:
+                loss, aux = with_aux(params, batch)
+                return loss.astype(jnp.float32), aux
+
+            def skip(_: Any) -> tuple[jax.Array, Any]:
+                return jnp.full((), jnp.nan, jnp.float32), aux
+
+            due = (state.phase.step + 1) % cfg.monitor_every == 0
+            loss, aux = jax.lax.cond(due, forward, skip, None)
+        updates, new = tx.predicted_update(state, params, first=first, loss=loss)
+        return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), new, aux
+
+    return run
+
+
+def step_kinds(with_aux: Callable, tx: Any, aux_shape: Any) -> dict[int, Callable]:
+    """Every kind of step as ``(params, state, batch) -> (params, state, aux)``."""
+    return {
+        REAL: real_step(with_aux, tx, verify=False, observe=True),
+        VERIFY: real_step(with_aux, tx, verify=True, observe=True),
+        PREDICT_FIRST: predicted_step(with_aux, tx, first=True, aux_shape=aux_shape),
+        PREDICT: predicted_step(with_aux, tx, first=False, aux_shape=aux_shape),
+        PLAIN: real_step(with_aux, tx, verify=False, observe=False),
+    }

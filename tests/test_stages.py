@@ -1,0 +1,175 @@
+"""Each stage of a step on its own: the phase machine's one rule, the checks, the loss
+level, the optimizer's guarded update, the plan, the non-finite guard, the kinds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import fast_config, quadratic_params
+
+import hybrid_jax as hj
+from hybrid_jax import _kinds, _phases, _stages, _transform
+
+T, F = jnp.asarray(True), jnp.asarray(False)
+
+
+def _setup(**changes):
+    tx = hj.predictive(optax.sgd(0.1), fast_config(**changes))
+    params = quadratic_params()
+    return tx.setup, tx.init(params), params
+
+
+def _pending(verify=False, veto=False, force_full=False):
+    return _phases.Pending(jnp.asarray(verify), jnp.asarray(veto), jnp.asarray(force_full))
+
+
+def _phase(phase_id, step, budget, consecutive=0):
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    return _phases.Phase(i32(phase_id), i32(step), i32(budget), i32(consecutive))
+
+
+def _ids(ph):
+    return tuple(int(x) for x in ph)
+
+
+# -- the phase machine ------------------------------------------------------------------
+
+
+def test_a_real_step_ending_a_full_phase_starts_a_predict_phase_when_allowed():
+    cfg = fast_config()
+    end_of_full = _phase(hj.FULL, 2, 3)
+    kw = dict(real=True, verifying=False, first=False, next_horizon=4)
+    s = _phases.schedule_after(cfg, end_of_full, _pending(), F, may_predict=T, **kw)
+    assert _ids(s.phase) == (hj.PREDICT, 0, 4, 1) and not bool(s.verify)
+    s = _phases.schedule_after(cfg, end_of_full, _pending(), F, may_predict=F, **kw)
+    assert _ids(s.phase) == (hj.FULL, 0, cfg.full_steps, 0)
+    # a monitor warning of the step before: a Full phase follows, whatever else
+    s = _phases.schedule_after(cfg, end_of_full, _pending(force_full=True), F, may_predict=T, **kw)
+    assert _ids(s.phase) == (hj.FULL, 0, cfg.full_steps, 0)
+
+
+def test_the_gate_reads_the_confidence_and_the_step_before():
+    cfg = fast_config(confidence_threshold=0.5)
+    assert bool(_phases.gate(cfg, jnp.float32(0.6), _pending()))
+    assert not bool(_phases.gate(cfg, jnp.float32(0.4), _pending()))
+    assert not bool(_phases.gate(cfg, jnp.float32(jnp.nan), _pending()))
+    assert not bool(_phases.gate(cfg, jnp.float32(0.9), _pending(veto=True)))
+    assert not bool(_phases.gate(cfg, jnp.float32(0.9), _pending(force_full=True)))
+
+
+def test_a_vetoed_predicted_step_ends_its_phase_and_asks_for_verification():
+    cfg = fast_config()
+    mid = _phase(hj.PREDICT, 1, 4, 1)
+    kw = dict(real=False, verifying=False, may_predict=F, next_horizon=4)
+    s = _phases.schedule_after(cfg, mid, _pending(veto=True), T, first=False, **kw)
+    assert _ids(s.phase) == (hj.CORRECT, 0, cfg.correct_steps, 1)
+    assert bool(s.verify) and bool(s.snapshot_valid)
+    # a vetoed first step takes no snapshot: nothing to verify
+    s = _phases.schedule_after(
+        cfg, _phase(hj.PREDICT, 0, 4, 1), _pending(veto=True), F, first=True, **kw
+    )
+    assert int(s.phase.id) == hj.CORRECT and not bool(s.verify) and not bool(s.snapshot_valid)
+    # undisturbed: the phase runs to its length, then the next real step verifies
+    s = _phases.schedule_after(cfg, _phase(hj.PREDICT, 3, 4, 1), _pending(), T, first=False, **kw)
+    assert int(s.phase.id) == hj.CORRECT and bool(s.verify)
+    s = _phases.schedule_after(cfg, _phase(hj.PREDICT, 0, 4, 1), _pending(), F, first=True, **kw)
+    assert _ids(s.phase) == (hj.PREDICT, 1, 4, 1) and bool(s.snapshot_valid)
+
+
+def test_kind_of_reads_the_phase_and_the_pending_verification():
+    cfg = fast_config()
+    _, state, _ = _setup()
+    with_phase = lambda ph, **p: state._replace(phase=ph, pending=_pending(**p))
+    assert int(_kinds.kind_of(cfg, with_phase(_phase(hj.FULL, 0, 3)))) == _kinds.REAL
+    assert (
+        int(_kinds.kind_of(cfg, with_phase(_phase(hj.CORRECT, 0, 2), verify=True))) == _kinds.VERIFY
+    )
+    assert int(_kinds.kind_of(cfg, with_phase(_phase(hj.PREDICT, 0, 3)))) == _kinds.PREDICT_FIRST
+    assert int(_kinds.kind_of(cfg, with_phase(_phase(hj.PREDICT, 2, 3)))) == _kinds.PREDICT
+    # what the step before measured never changes the kind
+    assert (
+        int(_kinds.kind_of(cfg, with_phase(_phase(hj.PREDICT, 2, 3), veto=True))) == _kinds.PREDICT
+    )
+
+
+# -- the real step's stages -------------------------------------------------------------
+
+
+def _check(setup, state, loss, snap, verifying, grad_norm=1.0):
+    return _stages.check(
+        setup,
+        state,
+        loss=jnp.float32(loss),
+        loss_given=True,
+        grad_norm=jnp.float32(grad_norm),
+        snapshot_loss=jnp.float32(snap),
+        verifying=verifying,
+        predicted_loss=jnp.float32(jnp.nan),
+    )
+
+
+def test_check_rolls_back_a_phase_worse_than_the_tolerance_and_skips_non_finite_steps():
+    setup, state, _ = _setup(verify_tolerance=0.02)
+    state = state._replace(snapshot_valid=T)
+    assert not bool(_check(setup, state, 1.01, 1.0, True).rollback)  # within 2%
+    c = _check(setup, state, 1.03, 1.0, True)
+    assert bool(c.rollback) and bool(c.drop) and not bool(c.accepted)
+    assert not bool(_check(setup, state, 5.0, 1.0, False).rollback)  # only verifying steps
+    for loss, norm in ((jnp.nan, 1.0), (1.0, jnp.inf)):
+        c = _check(setup, state, loss, 1.0, False, grad_norm=norm)
+        assert bool(c.skip) and bool(c.drop)
+
+
+def test_apply_inner_drops_the_update_and_keeps_the_optimizer_state():
+    setup, state, params = _setup()
+    setup = setup._replace(inner=optax.with_extra_args_support(optax.adam(0.1)))
+    state = state._replace(inner=setup.inner.init(params))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, inner = _stages.apply_inner(setup, grads, state, params, T)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    jax.tree.map(np.testing.assert_array_equal, inner, state.inner)
+    updates, inner = _stages.apply_inner(setup, grads, state, params, F)
+    assert all(bool(jnp.all(u != 0)) for u in jax.tree.leaves(updates))
+
+
+def test_the_loss_level_is_an_ema_that_ignores_flagged_losses():
+    setup, state, _ = _setup()
+    calm = hj._monitor.calm()
+    lv = _stages.level(setup, state, jnp.float32(2.0), calm)
+    assert float(lv.level) == 2.0 and not bool(lv.known)  # the first loss sets the level
+    state = state._replace(stats=state.stats._replace(loss_level=lv.level))
+    lv = _stages.level(setup, state, jnp.float32(1.0), calm)
+    decay = hj.config.LOSS_EMA_DECAY
+    assert float(lv.level) == pytest.approx(decay * 2.0 + (1 - decay) * 1.0)
+    assert bool(lv.known) and float(lv.dlog) == pytest.approx(np.log(float(lv.level) / 2.0))
+    warning = calm._replace(level=jnp.int32(hj._monitor.WARNING))
+    assert float(_stages.level(setup, state, jnp.float32(9.0), warning).level) == 2.0
+    assert float(_stages.level(setup, state, jnp.float32(jnp.nan), calm).level) == 2.0
+
+
+def test_plan_shrinks_the_horizon_at_a_rollback_and_grows_it_back_when_accepted():
+    setup, state, _ = _setup(horizon_shrink=0.5, min_horizon=1, max_horizon=8)
+    ln = _stages.unobserved(setup, state)
+    calm = hj._monitor.calm()
+    c = _stages.Check(F, F, T, T, calm, state.monitor)
+    acc, trend = state.stats.accuracy, state.stats.log_loss_trend
+    back = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
+    assert float(back.scale) == 0.5 and int(back.horizon) == 4
+    state = state._replace(horizon_scale=jnp.float32(0.125))
+    floor = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
+    assert float(floor.scale) == 0.125 and int(floor.horizon) == 1  # min_horizon / max_horizon
+    ok = c._replace(accepted=T, rollback=F, drop=F)
+    up = _stages.plan(setup, state, ln, ok, acc, trend, state.bandit, observe=False)
+    assert float(up.scale) == 0.25
+
+
+def test_guard_keeps_non_finite_values_out_and_an_idle_step_applies_nothing():
+    params = {"a": jnp.array([1.0, 3e38, 2.0]), "b": jnp.array([0.5])}
+    delta = {"a": jnp.array([0.1, 3e38, jnp.nan]), "b": jnp.array([0.2])}
+    safe, held = _transform.guard_nonfinite(params, delta, F)
+    np.testing.assert_array_equal(safe["a"], np.float32([0.1, 0.0, 0.0]))
+    np.testing.assert_array_equal(safe["b"], np.float32([0.2]))
+    assert bool(held)
+    safe, _ = _transform.guard_nonfinite(params, delta, T)
+    assert all(bool(jnp.all(d == 0)) for d in jax.tree.leaves(safe))
