@@ -19,6 +19,9 @@ of ``k`` steps computed only from the trajectory up to ``t``:
 - ``snoo``: the Nesterov look-ahead of an outer step on the displacements of blocks of
   ``K = k`` steps, ``w_t + mu * sum_i mu^i (w_{t-iK} - w_{t-(i+1)K})`` over ``B`` blocks
   (``mu = 0.5``: the look-ahead is about k steps long);
+- ``schedule_only`` (persistence only): no displacement, but the following real steps
+  take the schedule at ``t + k + j``, as after a jump; the control for what a jump's
+  persistence owes to the schedule moving on (a lower rate under a decaying schedule);
 - ``weight_ema`` (k = 0): the EMA of the weights (decay ``min(0.99, n / (n + 1))`` after
   ``n`` steps: a uniform average early on), the fair baseline of the denoised point.
 
@@ -46,7 +49,9 @@ Output: JSON lines, one per workload, regime, seed, point, family, k and alpha, 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -99,6 +104,11 @@ def setup(workload: str, size: str) -> Setup:
         )
         wl = bytes_workload(cfg, 64, 8_000_000, 2000, 100, (1.2e-3,))
         return Setup(wl, 2000, 1.2e-3, (1, 4, 16, 64), (16, 64), (25, 100), 32, 16, 16, 2)
+    if workload == "lm" and size == "probe":
+        # the probe of BENCHMARKS.md (d 64, 2 layers, seq 64, batch 16, 1600 steps, 3e-3)
+        cfg = tasks.GPTConfig(seq_len=64, d_model=64, n_layers=2, n_heads=4)
+        wl = bytes_workload(cfg, 16, 1_000_000, 1600, 100, (3e-3,), eval_n=16)
+        return Setup(wl, 1600, 3e-3, (1, 4, 16, 64), (16, 64), (25, 100), 32, 16, 16, 2)
     if workload == "lm" and size == "cpu":
         cfg = tasks.GPTConfig(seq_len=64, d_model=64, n_layers=2, n_heads=4)
         wl = bytes_workload(cfg, 8, 1_000_000, 300, 30, (3e-3,))
@@ -221,6 +231,8 @@ def candidates(
                 out.append(("snoo", k, a, base + a * SNOO_MU * d))
             else:
                 out.append(("snoo", k, a, None))
+    for k in su.persist_ks:  # the control of persistence: no displacement, schedule at t + k
+        out.append(("schedule_only", k, 1.0, base))
     out.append(("linefit_denoised", 0, 1.0, line_coeffs(t, su, t, pos, nb)))
     out.append(("weight_ema", 0, 1.0, np.eye(nb)[nb - 1]))
     return out
@@ -312,7 +324,7 @@ def run_one(su: Setup, regime: str, lr: float, seed: int, args, log, env, write)
     snaps: dict[int, Any] = {}
     pending: dict[int, list[dict]] = {}  # rows waiting for L(w_{t+k}) and persistence refs
     cur = 0
-    common = dict(workload=wl.name, regime=regime, lr=lr, seed=seed, steps=T, environment=env)
+    common = dict(workload=wl.name, regime=regime, lr=lr, seed=seed, steps=T)
 
     def finish(t: int) -> None:
         rows = []
@@ -368,7 +380,11 @@ def run_one(su: Setup, regime: str, lr: float, seed: int, args, log, env, write)
                 if (
                     t in persist_at
                     and a == 1.0
-                    and ((fam in PERSIST_FAMILIES and k in su.persist_ks) or fam in ZERO_FAMILIES)
+                    and (
+                        (fam in PERSIST_FAMILIES and k in su.persist_ks)
+                        or fam in ZERO_FAMILIES
+                        or fam == "schedule_only"
+                    )
                 ):
                     pj = combine(basis, jnp.asarray(c, jnp.float32))
                     p_opt, p_emas, done = opt, emas, 0
@@ -417,6 +433,7 @@ def run_one(su: Setup, regime: str, lr: float, seed: int, args, log, env, write)
         [
             dict(
                 common,
+                environment=env,
                 family="_run",
                 final_loss=float(losses[T][0]),
                 curve=curve,
@@ -508,12 +525,23 @@ def sweep(
     return min(med, key=med.get), rows
 
 
+def compact(x: Any) -> Any:
+    """Floats to 7 significant digits (float32 precision): smaller files, same figures."""
+    if isinstance(x, float):
+        return float(f"{x:.7g}") if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: compact(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [compact(v) for v in x]
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--workload", choices=["digits", "lm"], default="digits")
-    ap.add_argument("--size", choices=["cpu", "gpu"], default="cpu", help="lm only")
+    ap.add_argument("--size", choices=["cpu", "probe", "gpu"], default="cpu", help="lm only")
     ap.add_argument("--regimes", default="cosine", help="comma list of cosine, constant, wsd")
     ap.add_argument(
         "--sweep-lrs",
@@ -549,13 +577,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("")
+    out.unlink(missing_ok=True)
     log(f"{su.wl.describe}; {su.wl.n_params:,} parameters")
 
-    def write(rows):
-        with open(out, "a") as f:
+    def write(rows):  # a path ending in .gz is written gzipped (one member per call)
+        with gzip.open(out, "at") if out.suffix == ".gz" else open(out, "a") as f:
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(compact(r)) + "\n")
 
     if args.time_costs:
         costs = measure_costs(su, seeds[0], env)

@@ -3,11 +3,13 @@
 Seeds are pooled per cell as a ratio of means, ``mean(d_jump) / mean(d_real)``, which
 stays defined where single seeds' denominators are near zero; a cell whose mean real
 decrease is <= 0 (the real steps did not lower the loss there) shows ``n/a``. A cell at or
-above break-even is in bold.
+above break-even is in bold where every seed clears it on its own, in italics where only
+the pooled ratio does.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +23,8 @@ ZERO_ORDER = ("linefit_denoised", "weight_ema")
 def load(paths: list[str]) -> list[dict]:
     rows = []
     for p in paths:
-        rows += [json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()]
+        text = gzip.open(p, "rt").read() if p.endswith(".gz") else Path(p).read_text()
+        rows += [json.loads(x) for x in text.splitlines() if x.strip()]
     return rows
 
 
@@ -42,6 +45,15 @@ def pooled(rs: list[dict], num: str, den: str) -> float | None:
         return None
     n, d = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
     return float(n / d) if d > 0 else None
+
+
+def environment(rows: list[dict], wl: str) -> dict:
+    """The environment recorded with a workload's runs (``_run`` rows; older files carry it
+    in every row)."""
+    for r in rows:
+        if r["workload"] == wl and "environment" in r:
+            return r["environment"]
+    return {"device": "?", "jax": "?"}
 
 
 def groups(rows: list[dict]) -> dict:
@@ -77,12 +89,38 @@ def cells(rs: list[dict], sfx: str, alpha: float | None = 1.0) -> dict:
     return out
 
 
+def every_seed(rs: list[dict], sfx: str, be: dict) -> set:
+    """``(family, k, t)`` at alpha = 1 where every seed's own ratio clears break-even (its
+    real steps lowered the loss and its jump by at least break-even times as much)."""
+    by = defaultdict(list)
+    for r in rs:
+        if r["k"] and r["alpha"] == 1.0:
+            by[r["family"], r["k"], r["t"]].append(r)
+    return {
+        key
+        for key, g in by.items()
+        if all(
+            r.get("d_real" + sfx, 0) > 0 and r["d_jump" + sfx] >= be[key[1]] * r["d_real" + sfx]
+            for r in g
+        )
+    }
+
+
+def mark(v: float | None, be: float, robust: bool) -> str:
+    """Bold: clears break-even pooled and in every seed; italic: pooled only."""
+    s = fmt(v)
+    if v is None or v < be:
+        return s
+    return f"**{s}**" if robust else f"*{s}*"
+
+
 def ratio_table(rs: list[dict], sfx: str, alpha: float | None = 1.0) -> list[str]:
     ts = sorted({r["t"] for r in rs})
     T = rs[0]["steps"]
     ks = sorted({r["k"] for r in rs if r["k"]})
     be = {r["k"]: r["break_even"] for r in rs if r["k"]}
     c = cells(rs, sfx, alpha)
+    robust = every_seed(rs, sfx, be) if alpha == 1.0 else set(c)
     head = "| family | k | break-even | " + " | ".join(f"{t / T:.2f}" for t in ts) + " |"
     lines = [head, "|" + "---|" * (3 + len(ts))]
     for f in FAMILY_ORDER:
@@ -90,8 +128,7 @@ def ratio_table(rs: list[dict], sfx: str, alpha: float | None = 1.0) -> list[str
             vals = []
             for t in ts:
                 v = c.get((f, k, t))
-                s = fmt(v)
-                vals.append(f"**{s}**" if v is not None and v >= be[k] else s)
+                vals.append(mark(v, be[k], (f, k, t) in robust))
             lines.append(f"| {f} | {k} | {be[k]:.3f} | " + " | ".join(vals) + " |")
     return lines
 
@@ -134,7 +171,7 @@ def persist_table(rs: list[dict], sfx: str) -> list[str]:
     be = {r["k"]: r["break_even"] for r in rs if r["k"]}
     fams = [
         (f, k)
-        for f in FAMILY_ORDER
+        for f in (*FAMILY_ORDER, "schedule_only")
         for k in sorted(
             {r["k"] for r in rs if r.get(f"gain_R{rkeys[0]}{sfx}") is not None and r["k"]}
         )
@@ -152,7 +189,13 @@ def persist_table(rs: list[dict], sfx: str) -> list[str]:
                 if not any(f"gain_R{R}{sfx}" in r for r in g):
                     vals.append("-")
                     continue
-                vals.append(f"**{fmt(v)}**" if v is not None and v >= be[k] else fmt(v))
+                ok = all(
+                    r.get(f"d_realk_R{R}{sfx}", 0) > 0
+                    and r[f"gain_R{R}{sfx}"] >= be[k] * r[f"d_realk_R{R}{sfx}"]
+                    for r in g
+                    if f"gain_R{R}{sfx}" in r
+                )
+                vals.append(mark(v, be[k], ok))
             if any(v != "-" for v in vals):
                 lines.append(f"| {f} | {k} | {R} | " + " | ".join(vals) + " |")
     for f in ZERO_ORDER:
@@ -166,6 +209,100 @@ def persist_table(rs: list[dict], sfx: str) -> list[str]:
                 ]
                 vals.append(f"{np.mean(g):+.4f}" if g else "-")
             lines.append(f"| {f} (gain, loss units) | 0 | {R} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def persist_net_table(rs: list[dict], sfx: str) -> list[str]:
+    """Persistence net of the schedule: ``(gain(jump) - gain(schedule_only)) / d_realk``,
+    pooled over seeds, per family, k and R (only where the control ran)."""
+    ctl = {
+        (r["seed"], r["t"], r["k"]): r
+        for r in rs
+        if r["family"] == "schedule_only" and any(key.startswith("gain_R") for key in r)
+    }
+    if not ctl:
+        return ["(no schedule_only control in these runs)"]
+    T = rs[0]["steps"]
+    ts = sorted({t for _, t, _ in ctl})
+    rkeys = sorted(
+        {
+            int(key.split("_R")[1].split("_")[0])
+            for r in ctl.values()
+            for key in r
+            if key.startswith("gain_R")
+        }
+    )
+    be = {r["k"]: r["break_even"] for r in rs if r["k"]}
+    lines = [
+        "| family | k | R | " + " | ".join(f"{t / T:.2f}" for t in ts) + " |",
+        "|" + "---|" * (3 + len(ts)),
+    ]
+    for f in FAMILY_ORDER:
+        for k in sorted({k for _, _, k in ctl}):
+            for R in rkeys:
+                g, vals = f"gain_R{R}{sfx}", []
+                for t in ts:
+                    pairs = [
+                        (r[g] - ctl[r["seed"], t, k][g], r[f"d_realk_R{R}{sfx}"])
+                        for r in rs
+                        if r["family"] == f
+                        and r["k"] == k
+                        and r["t"] == t
+                        and r["alpha"] == 1.0
+                        and g in r
+                        and (r["seed"], t, k) in ctl
+                    ]
+                    if not pairs:
+                        vals.append("-")
+                        continue
+                    n, d = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
+                    v = float(n / d) if d > 0 else None
+                    ok = all(q > 0 and p >= be[k] * q for p, q in pairs)
+                    vals.append(mark(v, be[k], ok))
+                if any(v != "-" for v in vals):
+                    lines.append(f"| {f} | {k} | {R} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def averaging_table(rs: list[dict], sfx: str) -> list[str]:
+    """Decrease of the loss (mean over seeds, loss units) from ``w_t``: k real steps, the
+    line fit at ``t + k`` and at ``t``, and the weight EMA: how much of linefit's gain is
+    averaging (already there at k = 0) and how much extrapolation adds."""
+    T = rs[0]["steps"]
+    ts = sorted({r["t"] for r in rs})
+    ks = sorted({r["k"] for r in rs if r["k"]})
+
+    def mean(f, k, key, t):
+        v = [
+            r[key]
+            for r in rs
+            if r["family"] == f
+            and r["k"] == k
+            and r["t"] == t
+            and r["alpha"] == 1.0
+            and r.get(key) is not None
+        ]
+        return f"{np.mean(v):+.4f}" if v else "-"
+
+    lines = [
+        "| decrease from w_t | " + " | ".join(f"{t / T:.2f}" for t in ts) + " |",
+        "|" + "---|" * (1 + len(ts)),
+        "| linefit at t (denoised) | "
+        + " | ".join(mean("linefit_denoised", 0, "d_jump" + sfx, t) for t in ts)
+        + " |",
+        "| weight EMA | " + " | ".join(mean("weight_ema", 0, "d_jump" + sfx, t) for t in ts) + " |",
+    ]
+    for k in ks:
+        lines.append(
+            f"| {k} real steps | "
+            + " | ".join(mean("linefit", k, "d_real" + sfx, t) for t in ts)
+            + " |"
+        )
+        lines.append(
+            f"| linefit at t+{k} | "
+            + " | ".join(mean("linefit", k, "d_jump" + sfx, t) for t in ts)
+            + " |"
+        )
     return lines
 
 
@@ -198,8 +335,13 @@ def clears(rs: list[dict], sfx: str) -> list[str]:
                 + fmt(pooled(g, key, key.replace("gain", "d_realk")))
                 for key in rk
             )
+            n_ok = sum(
+                r.get("d_real" + sfx, 0) > 0 and r["d_jump" + sfx] >= be[k] * r["d_real" + sfx]
+                for r in g
+            )
             out.append(
                 f"{f} k={k} at {t / T:.2f}: pooled ratio {fmt(v)} (break-even {be[k]:.3f}; "
+                f"clears in {n_ok} of {len(g)} seeds; "
                 f"per seed {', '.join(fmt(x) for x in per)})"
                 + (f"; persistence {pers}" if pers else "")
             )
@@ -214,7 +356,7 @@ def report(paths: list[str], md: str, plot_path: str) -> None:
         seeds = sorted({r["seed"] for r in rs})
         lr = rs[0]["lr"]
         finals = ", ".join(f"{r['final_loss']:.4f}" for r in rr) or "(run cut short)"
-        env = rs[0]["environment"]
+        env = environment(rows, wl)
         sfxs = [""] + (["_train"] if any("d_jump_train" in r for r in rs) else [])
         lines += [f"## {wl}, {regime} (peak rate {lr:g}, seeds {seeds})", ""]
         lines += [
@@ -233,7 +375,11 @@ def report(paths: list[str], md: str, plot_path: str) -> None:
             ]
             lines += [*ratio_table(rs, sfx, None), ""]
             lines += [f"### k = 0 points, {what}", "", *zero_table(rs, sfx), ""]
+            lines += [f"### Averaging against extrapolation, {what}", ""]
+            lines += [*averaging_table(rs, sfx), ""]
             lines += [f"### Persistence, {what}", "", *persist_table(rs, sfx), ""]
+            lines += [f"### Persistence net of the schedule control, {what}", ""]
+            lines += [*persist_net_table(rs, sfx), ""]
             cl = clears(rs, sfx)
             lines += [f"### Cells at or above break-even, {what} (alpha = 1)", ""]
             lines += [f"- {x}" for x in cl] if cl else ["- none"]
@@ -256,7 +402,56 @@ def report(paths: list[str], md: str, plot_path: str) -> None:
     else:
         print(text)
     if plot_path:
-        plot(rows, plot_path)
+        # language models in PATH, the digits MLP (held-out and training set) in PATH_digits
+        lm = [r for r in rows if not r["workload"].startswith("digits")]
+        dg = [r for r in rows if r["workload"].startswith("digits")]
+        stem = Path(plot_path)
+        for part, path in ((lm, stem), (dg, stem.with_name(stem.stem + "_digits" + stem.suffix))):
+            if any(not r["family"].startswith("_") for r in part):
+                plot(part, str(path))
+
+
+def persist_panel(ax, rs: list[dict], sfx: str, title: str, colors: dict) -> None:
+    """Jump of the largest persistence k, then the longest R real steps, against R + k real
+    steps (pooled), net of the schedule_only control where it ran."""
+    ks = sorted({r["k"] for r in rs if r["k"] and any(key.startswith("gain_R") for key in r)})
+    rkeys = sorted(
+        {int(key.split("_R")[1].split("_")[0]) for r in rs for key in r if key.startswith("gain_R")}
+    )
+    if not ks:
+        ax.set_visible(False)
+        return
+    k, R = ks[-1], rkeys[-1]
+    g, d = f"gain_R{R}{sfx}", f"d_realk_R{R}{sfx}"
+    ctl = {
+        (r["seed"], r["t"]): r[g]
+        for r in rs
+        if r["family"] == "schedule_only" and r["k"] == k and g in r
+    }
+    T = rs[0]["steps"]
+    ts = sorted({r["t"] for r in rs if r["k"] == k and g in r})
+    for f in FAMILY_ORDER:
+        y = []
+        for t in ts:
+            pairs = [
+                (r[g] - ctl.get((r["seed"], t), 0.0), r[d])
+                for r in rs
+                if r["family"] == f and r["k"] == k and r["t"] == t and r["alpha"] == 1.0 and g in r
+            ]
+            den = np.mean([p[1] for p in pairs]) if pairs else 0.0
+            y.append(np.mean([p[0] for p in pairs]) / den if den > 0 else np.nan)
+        if ts and not all(np.isnan(y)):
+            ax.plot([t / T for t in ts], y, "s-", ms=3, lw=1, color=colors[f], label=f)
+    be = next(r["break_even"] for r in rs if r["k"] == k)
+    ax.axhline(be, color="k", ls="--", lw=1)
+    ax.axhline(1.0, color="gray", ls=":", lw=1)
+    ax.axhline(0.0, color="gray", lw=0.5)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(-100, 100)
+    net = "net of schedule control" if ctl else "no schedule control"
+    ax.set_title(f"{title}, k={k} then R={R} real\nvs R+k real ({net})", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -267,12 +462,15 @@ def plot(rows: list[dict], path: str) -> None:
 
     panels = []
     for (wl, regime), rs in groups(rows).items():
+        env = environment(rows, wl)["device"].split(":")[-1].replace("NVIDIA ", "")
+        seeds = len({r["seed"] for r in rs})
+        wl = f"{wl} ({env}, {seeds} seed{'s' if seeds > 1 else ''})"
         panels.append((f"{wl} {regime}\nheld-out", rs, ""))
         if any("d_jump_train" in r for r in rs):
             panels.append((f"{wl} {regime}\ntraining set", rs, "_train"))
     ks = sorted({r["k"] for r in rows if not r["family"].startswith("_") and r["k"]})
     fig, axes = plt.subplots(
-        len(panels), len(ks), figsize=(3.6 * len(ks), 2.7 * len(panels)), squeeze=False
+        len(panels), len(ks) + 1, figsize=(3.6 * (len(ks) + 1), 2.7 * len(panels)), squeeze=False
     )
     colors = dict(
         zip(FAMILY_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False)
@@ -281,7 +479,8 @@ def plot(rows: list[dict], path: str) -> None:
         c = cells(rs, sfx, 1.0)
         T = rs[0]["steps"]
         ts = sorted({r["t"] for r in rs})
-        for ax, k in zip(row, ks, strict=True):
+        persist_panel(row[-1], rs, sfx, title, colors)
+        for ax, k in zip(row[:-1], ks, strict=True):
             if not any(kk == k for (_, kk, _) in c):
                 ax.set_visible(False)
                 continue
@@ -290,12 +489,12 @@ def plot(rows: list[dict], path: str) -> None:
                 y = [c.get((f, k, t)) for t in ts]
                 y = [np.nan if v is None else v for v in y]
                 ax.plot([t / T for t in ts], y, "o-", ms=3, lw=1, color=colors[f], label=f)
-            ax.axhline(be, color="k", ls="--", lw=1, label=f"break-even {be:.3f}")
+            ax.axhline(be, color="k", ls="--", lw=1, label="break-even")
             ax.axhline(1.0, color="gray", ls=":", lw=1)
             ax.axhline(0.0, color="gray", lw=0.5)
             ax.set_yscale("symlog", linthresh=0.1)
-            ax.set_ylim(-100, 10)
-            ax.set_title(f"{title}, k={k}", fontsize=8)
+            ax.set_ylim(-100, 100)
+            ax.set_title(f"{title}, k={k} (break-even {be:.3f})", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         row[0].set_ylabel("jump / k real steps\n(held-out decrease)", fontsize=8)
