@@ -220,7 +220,6 @@ def observe_real(
     loss_ok, grad_ok = jnp.isfinite(loss), jnp.isfinite(g)
     valid = loss_ok & grad_ok
     ready = state.n_real >= s.warmup
-    first = state.n_real == 0
     spike, spike_level, error, error_level = _loss_checks(state, s, loss, predicted)
 
     log_g = jnp.log(jnp.maximum(jnp.where(grad_ok, g, 1.0), jnp.finfo(jnp.float32).tiny))
@@ -229,36 +228,8 @@ def observe_real(
     explode = ready & grad_ok & (log_ratio >= hi)
     vanish = ready & grad_ok & (log_ratio <= lo)
 
-    scale = _noise_scale(state, s)
-    change = jnp.where(first | ~loss_ok, 0.0, loss - state.last_loss)
-    big = s.oscillation_amplitude * scale
-    alternating = (change * state.last_change < 0) & (jnp.abs(change) > big)
-    alternating = alternating & (jnp.abs(state.last_change) > big)
-    alternations = jnp.where(alternating, state.alternations + 1, 0)
-    alternations = jnp.where(valid, alternations, state.alternations).astype(jnp.int32)
-    oscillation = valid & ready & (alternations >= s.oscillation_window)
-
-    # Plain running averages until 1 / (1 - decay) observations, EMAs after: no start-up bias.
-    n = state.n_real.astype(jnp.float32)
-    d = jnp.minimum(s.ema_decay, n / (n + 1.0))
-    dv = jnp.minimum(s.var_decay, n / (n + 1.0))
-    limit = s.loss_z_critical * scale
-    dev = loss - state.loss_mean
-    dev = jnp.where(ready, jnp.clip(dev, -limit, limit), dev)
-    mean = state.loss_mean + (1.0 - d) * dev
-    var = dv * (state.loss_var + (1.0 - dv) * jnp.square(dev))
-    gdev = jnp.where(ready, jnp.clip(log_ratio, lo, hi), log_ratio)
-    grad_log_mean = state.grad_log_mean + (1.0 - d) * gdev
-    keep = lambda new, old: jnp.where(valid, new, old).astype(old.dtype)
-    state = state._replace(
-        loss_mean=keep(mean, state.loss_mean),
-        loss_var=keep(var, state.loss_var),
-        last_loss=keep(loss, state.last_loss),
-        last_change=keep(change, state.last_change),
-        alternations=alternations,
-        grad_log_mean=keep(grad_log_mean, state.grad_log_mean),
-        n_real=state.n_real + valid.astype(jnp.int32),
-    )
+    change, alternations, oscillation = _oscillation(state, s, loss, loss_ok, valid, ready)
+    state = _take_in(state, s, loss, log_ratio, change, alternations, valid=valid, ready=ready)
 
     raised = jnp.zeros((N_EVENTS,), bool)
     raised = raised.at[NONFINITE_LOSS].set(~loss_ok)
@@ -280,6 +251,45 @@ def observe_real(
         )
     )
     return _conclude(state, s, raised, level)
+
+
+def _oscillation(state: MonitorState, s: MonitorSettings, loss, loss_ok, valid, ready):
+    """The loss change, the run of alternating large changes, and whether it is long
+    enough to be an oscillation."""
+    scale = _noise_scale(state, s)
+    change = jnp.where((state.n_real == 0) | ~loss_ok, 0.0, loss - state.last_loss)
+    big = s.oscillation_amplitude * scale
+    alternating = (change * state.last_change < 0) & (jnp.abs(change) > big)
+    alternating = alternating & (jnp.abs(state.last_change) > big)
+    alternations = jnp.where(alternating, state.alternations + 1, 0)
+    alternations = jnp.where(valid, alternations, state.alternations).astype(jnp.int32)
+    return change, alternations, valid & ready & (alternations >= s.oscillation_window)
+
+
+def _take_in(
+    state: MonitorState, s: MonitorSettings, loss, log_ratio, change, alternations, *, valid, ready
+) -> MonitorState:
+    """The statistics with a valid real step taken in: plain running averages until
+    ``1 / (1 - decay)`` observations, EMAs after (no start-up bias); after ``warmup`` a
+    step's deviation is clipped, so that one outlier cannot blind the monitor."""
+    n = state.n_real.astype(jnp.float32)
+    d = jnp.minimum(s.ema_decay, n / (n + 1.0))
+    dv = jnp.minimum(s.var_decay, n / (n + 1.0))
+    limit = s.loss_z_critical * _noise_scale(state, s)
+    dev = loss - state.loss_mean
+    dev = jnp.where(ready, jnp.clip(dev, -limit, limit), dev)
+    lo, hi = jnp.log(jnp.float32(s.grad_vanish)), jnp.log(jnp.float32(s.grad_explode))
+    gdev = jnp.where(ready, jnp.clip(log_ratio, lo, hi), log_ratio)
+    keep = lambda new, old: jnp.where(valid, new, old).astype(old.dtype)
+    return state._replace(
+        loss_mean=keep(state.loss_mean + (1.0 - d) * dev, state.loss_mean),
+        loss_var=keep(dv * (state.loss_var + (1.0 - dv) * jnp.square(dev)), state.loss_var),
+        last_loss=keep(loss, state.last_loss),
+        last_change=keep(change, state.last_change),
+        alternations=alternations,
+        grad_log_mean=keep(state.grad_log_mean + (1.0 - d) * gdev, state.grad_log_mean),
+        n_real=state.n_real + valid.astype(jnp.int32),
+    )
 
 
 def observe_predicted(

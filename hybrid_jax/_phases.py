@@ -31,6 +31,7 @@ class Phase(NamedTuple):
     step: jax.Array  # steps already taken in this phase
     budget: jax.Array  # length of this phase
     consecutive: jax.Array  # Predict phases since the last Full phase
+    rejected: jax.Array = 0  # Predict phases rolled back in a row (the back-off's exponent)
 
 
 class Pending(NamedTuple):
@@ -45,13 +46,19 @@ def _i32(x: int | jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.int32)
 
 
-def make(phase_id: int | jax.Array, budget: int | jax.Array, consecutive=0) -> Phase:
+MAX_BACKOFF = 5  # a forced Full phase is at most 2**5 = 32 times full_steps long
+
+
+def make(
+    phase_id: int | jax.Array, budget: int | jax.Array, consecutive=0, rejected=0
+) -> Phase:
     """A phase starting now (distinct buffers, so that a state can be donated)."""
     return Phase(
         id=jnp.full((), phase_id, jnp.int32),
         step=jnp.zeros((), jnp.int32),
         budget=jnp.maximum(_i32(budget), 1),
         consecutive=jnp.asarray(consecutive, jnp.int32) + jnp.zeros((), jnp.int32),
+        rejected=jnp.asarray(rejected, jnp.int32) + jnp.zeros((), jnp.int32),
     )
 
 
@@ -108,6 +115,7 @@ def advance(ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: 
         step=jnp.where(done, 0, step).astype(jnp.int32),
         budget=jnp.maximum(jnp.where(done, budget, ph.budget), 1).astype(jnp.int32),
         consecutive=jnp.where(done, consecutive, ph.consecutive).astype(jnp.int32),
+        rejected=jnp.asarray(ph.rejected, jnp.int32),
     )
 
 
@@ -119,21 +127,29 @@ def gate(cfg: HybridConfig, confidence: jax.Array, pending: Pending) -> jax.Arra
     return ok & ~pending.veto & ~pending.force_full & ~pending.verify
 
 
+def backed_off(cfg: HybridConfig, ph: Phase) -> Phase:
+    """The Full phase forced after a rollback or a monitor warning: ``full_steps`` times
+    2 to the number of Predict phases rejected in a row (at most 2**MAX_BACKOFF), so that
+    a predictor that does not pay is tried less and less often."""
+    factor = jnp.left_shift(1, jnp.minimum(jnp.asarray(ph.rejected, jnp.int32), MAX_BACKOFF))
+    return make(FULL, cfg.full_steps * factor, 0, ph.rejected)
+
+
 def after_real(
     cfg: HybridConfig, ph: Phase, pending: Pending, can_predict: jax.Array, next_horizon
 ) -> Phase:
     """The phase after a real step that started in ``ph`` with ``pending``."""
     regular = advance(ph, cfg, can_predict, next_horizon)
-    return _choose(pending.force_full, full_phase(cfg.full_steps), regular)
+    return _choose(pending.force_full, backed_off(cfg, ph), regular)
 
 
 def after_predicted(cfg: HybridConfig, ph: Phase, pending: Pending) -> Phase:
     """The phase after a predicted step. A veto ends the Predict phase (a Correct phase
     follows); a forced Full phase replaces it."""
     regular = advance(ph, cfg, jnp.asarray(False), ph.budget)
-    ended = make(CORRECT, cfg.correct_steps, ph.consecutive)
+    ended = make(CORRECT, cfg.correct_steps, ph.consecutive, ph.rejected)
     out = _choose(pending.veto, ended, regular)
-    return _choose(pending.force_full, full_phase(cfg.full_steps), out)
+    return _choose(pending.force_full, backed_off(cfg, ph), out)
 
 
 def may_end_into_predict(cfg: HybridConfig, ph: Phase) -> jax.Array:

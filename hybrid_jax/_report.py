@@ -1,5 +1,7 @@
 """Metrics export on the host: JSON lines / CSV, a run summary, comparison tables, plots.
 
+The plots live in ``_plots`` (``plot_run`` is re-exported here, as ``hj.report.plot_run``).
+
 A *row* is the dict of one step's metrics as host scalars, e.g.
 ``jax.device_get(hj.metrics(state))`` (names in ``hybrid_jax/_metrics.py``), optionally
 with ``"time"`` (wall-clock seconds since the start, taken after the step) and
@@ -19,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from ._phases import PHASE_NAMES
-
-Row = Mapping[str, Any]
-
-PHASE_COLORS = ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c")  # warmup, full, predict, correct
+from ._plots import PHASE_COLORS as PHASE_COLORS  # hj.report.PHASE_COLORS
+from ._plots import plot_run as plot_run  # hj.report.plot_run
+from ._rows import Row as Row  # hj.report.Row
+from ._rows import phase_name as _phase_name
+from ._rows import to_float as _f
 
 # Rows of ``compare``: (summary key, label).
 COMPARE_KEYS = (
@@ -145,18 +148,41 @@ def summary(rows: Sequence[Row], *, memory: Mapping[str, Any] | None = None) -> 
       ``memory_growth_detected``. Figures that cannot be computed are ``None``.
     """
     rows = list(rows)
-    n = len(rows)
     real = [bool(r.get("used_gradient", True)) for r in rows]
-    n_real = sum(real)
-    out: dict[str, Any] = {"steps": n}
+    losses = [_f(r.get("loss")) for r in rows]
+    out: dict[str, Any] = {"steps": len(rows)}
     if any("phase" in r for r in rows):
-        counts = dict.fromkeys(PHASE_NAMES, 0)
-        for r in rows:
-            if "phase" in r:
-                name = _phase_name(r["phase"])
-                counts[name] = counts.get(name, 0) + 1
-        out["phase_counts"] = counts
-    out |= {
+        out["phase_counts"] = _phase_counts(rows)
+    out |= _step_counts(real)
+    out |= _loss_figures(rows, losses)
+    out |= _prediction_error(rows, losses)
+    if any("time" in r for r in rows):
+        out |= _time_split(rows, real)
+    if any("verified" in r for r in rows):
+        out |= _verification(rows)
+    if any("divergence_level" in r for r in rows):
+        out |= _divergence(rows)
+    if rows and "nonfinite_predictions" in rows[-1]:
+        out["nonfinite_predictions"] = int(rows[-1]["nonfinite_predictions"])
+    if memory is not None:
+        out |= _memory_figures(memory)
+    return out
+
+
+def _phase_counts(rows: Sequence[Row]) -> dict[str, int]:
+    """Steps per phase name (every phase of ``PHASE_NAMES`` listed, 0 if absent)."""
+    counts = dict.fromkeys(PHASE_NAMES, 0)
+    for r in rows:
+        if "phase" in r:
+            name = _phase_name(r["phase"])
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _step_counts(real: Sequence[bool]) -> dict[str, Any]:
+    """Real and predicted steps; a step without a backward pass counts as skipped."""
+    n, n_real = len(real), sum(real)
+    return {
         "real_steps": n_real,
         "predicted_steps": n - n_real,
         "backward_passes": n_real,
@@ -164,48 +190,67 @@ def summary(rows: Sequence[Row], *, memory: Mapping[str, Any] | None = None) -> 
         "backward_skipped_share": (n - n_real) / n if n else None,
     }
 
-    losses = [_f(r.get("loss")) for r in rows]
+
+def _loss_figures(rows: Sequence[Row], losses: Sequence[float]) -> dict[str, Any]:
+    """Final and best finite train loss; number, final and best of the finite eval losses."""
     finite = [x for x in losses if math.isfinite(x)]
-    out["final_loss"] = finite[-1] if finite else None
-    out["best_loss"] = min(finite) if finite else None
     evals = [_f(r["eval_loss"]) for r in rows if "eval_loss" in r]
     evals = [x for x in evals if math.isfinite(x)]
-    out["eval_points"] = len(evals)
-    out["final_eval_loss"] = evals[-1] if evals else None
-    out["best_eval_loss"] = min(evals) if evals else None
+    return {
+        "final_loss": finite[-1] if finite else None,
+        "best_loss": min(finite) if finite else None,
+        "eval_points": len(evals),
+        "final_eval_loss": evals[-1] if evals else None,
+        "best_eval_loss": min(evals) if evals else None,
+    }
 
+
+def _prediction_error(rows: Sequence[Row], losses: Sequence[float]) -> dict[str, Any]:
+    """Mean ``|predicted_loss - loss| / |loss|`` over steps where both are finite, loss != 0."""
     errors = []
     for r, loss in zip(rows, losses, strict=True):
         pred = _f(r.get("predicted_loss"))
         if math.isfinite(loss) and math.isfinite(pred) and loss != 0.0:
             errors.append(abs(pred - loss) / abs(loss))
-    out["prediction_pairs"] = len(errors)
-    out["prediction_rel_error"] = float(np.mean(errors)) if errors else None
+    return {
+        "prediction_pairs": len(errors),
+        "prediction_rel_error": float(np.mean(errors)) if errors else None,
+    }
 
-    if any("time" in r for r in rows):
-        out |= _time_split(rows, real)
-    if any("verified" in r for r in rows):
-        verified = sum(bool(r.get("verified", False)) for r in rows)
-        rollbacks = sum(bool(r.get("rolled_back", False)) for r in rows)
-        out["verified"] = verified
-        out["rollbacks"] = rollbacks
-        out["accept_rate"] = 1.0 - rollbacks / verified if verified else None
-    if any("divergence_level" in r for r in rows):
-        levels = [int(r.get("divergence_level", 0)) for r in rows]
-        out["divergence_events"] = sum(level > 0 for level in levels)
-        out["max_divergence_level"] = max(levels) if levels else 0
-    if rows and "nonfinite_predictions" in rows[-1]:
-        out["nonfinite_predictions"] = int(rows[-1]["nonfinite_predictions"])
-    if memory is not None:
-        out["memory_source"] = memory.get("source")
-        out["memory_peak_bytes"] = memory.get("peak_bytes_in_use")
-        out["memory_phase_peaks"] = dict(memory.get("phase_peaks", {}))
-        out["memory_emergencies"] = memory.get("emergencies")
-        out["memory_growth_detected"] = memory.get("growth_detected")
-    return out
+
+def _verification(rows: Sequence[Row]) -> dict[str, Any]:
+    """Verified steps, rollbacks among them and the accept rate."""
+    verified = sum(bool(r.get("verified", False)) for r in rows)
+    rollbacks = sum(bool(r.get("rolled_back", False)) for r in rows)
+    return {
+        "verified": verified,
+        "rollbacks": rollbacks,
+        "accept_rate": 1.0 - rollbacks / verified if verified else None,
+    }
+
+
+def _divergence(rows: Sequence[Row]) -> dict[str, Any]:
+    """Steps with a divergence level above 0, and the highest level."""
+    levels = [int(r.get("divergence_level", 0)) for r in rows]
+    return {
+        "divergence_events": sum(level > 0 for level in levels),
+        "max_divergence_level": max(levels) if levels else 0,
+    }
+
+
+def _memory_figures(memory: Mapping[str, Any]) -> dict[str, Any]:
+    """The memory figures of a ``MemoryMonitor.summary()``."""
+    return {
+        "memory_source": memory.get("source"),
+        "memory_peak_bytes": memory.get("peak_bytes_in_use"),
+        "memory_phase_peaks": dict(memory.get("phase_peaks", {})),
+        "memory_emergencies": memory.get("emergencies"),
+        "memory_growth_detected": memory.get("growth_detected"),
+    }
 
 
 def _time_split(rows: Sequence[Row], real: Sequence[bool]) -> dict[str, Any]:
+    """Wall-clock, and the per-step durations split into real and predicted steps."""
     spent = {True: 0.0, False: 0.0}
     steps = {True: 0, False: 0}
     previous = 0.0
@@ -318,182 +363,7 @@ def _fmt(key: str, v: Any) -> str:
     return f"{x:.4g}"
 
 
-# -- plots -------------------------------------------------------------------------
-def plot_run(
-    rows: Sequence[Row],
-    out_dir: str | Path,
-    *,
-    prefix: str = "",
-    baseline_rows: Sequence[Row] | None = None,
-) -> list[Path]:
-    """Writes PNG plots of a run (matplotlib, Agg canvas; no pyplot state is touched).
-
-    (a) ``<prefix>loss_vs_step.png``: train loss (finite values), the predictor's loss
-    on predicted steps, eval loss where present and the baseline's losses if given,
-    with the phases shaded; (b) ``<prefix>loss_vs_time.png``: the same against
-    wall-clock (only if the rows have ``time``); (c) ``<prefix>confidence_horizon.png``:
-    confidence and horizon vs step (only if the rows have them).
-
-    Args:
-      rows: per-step metric dicts of the run.
-      out_dir: directory for the files (created).
-      prefix: prepended to every file name.
-      baseline_rows: rows of a baseline run (e.g. plain AdamW) to draw beside.
-
-    Returns:
-      The paths written.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise ImportError("plot_run needs matplotlib: python3 -m pip install matplotlib") from None
-    rows = list(rows)
-    if not rows:
-        raise ValueError("plot_run: rows is empty")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    base = list(baseline_rows) if baseline_rows else []
-    paths = []
-
-    def new_axes() -> tuple[Any, Any]:
-        fig = Figure(figsize=(8, 4.5), dpi=110)
-        FigureCanvasAgg(fig)
-        return fig, fig.add_subplot()
-
-    def save(fig: Any, name: str) -> None:
-        path = out / f"{prefix}{name}"
-        fig.tight_layout()
-        fig.savefig(path)
-        fig.clear()
-        paths.append(path)
-
-    xs = {"step": _column(rows, "step", default_index=True)}
-    if any("time" in r for r in rows):
-        xs["time"] = _column(rows, "time")
-    for kind, x in xs.items():
-        fig, ax = new_axes()
-        handles = _shade_phases(ax, rows, x, kind, Patch)
-        _draw_losses(ax, rows, x, "hybrid" if base else "run")
-        if base and (kind == "step" or any("time" in r for r in base)):
-            bx = _column(base, "step", default_index=True) if kind == "step" else None
-            if bx is None:
-                bx = _column(base, "time")
-            _draw_losses(ax, base, bx, "baseline", color="#555555", style="--")
-        _log_scale_if_wide(ax, rows, base)
-        ax.set_xlabel("step" if kind == "step" else "wall-clock (s)")
-        ax.set_ylabel("loss")
-        ax.set_title(f"loss vs {'step' if kind == 'step' else 'wall-clock'}")
-        ax.legend(handles=[*ax.get_legend_handles_labels()[0], *handles], fontsize=8)
-        save(fig, "loss_vs_step.png" if kind == "step" else "loss_vs_time.png")
-
-    if any("confidence" in r or "horizon" in r for r in rows):
-        fig, ax = new_axes()
-        x = xs["step"]
-        handles = _shade_phases(ax, rows, x, "step", Patch)
-        ax.plot(x, _column(rows, "confidence"), color="#d62728", lw=1.2, label="confidence")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("step")
-        ax.set_ylabel("confidence")
-        ax2 = ax.twinx()
-        ax2.step(
-            x, _column(rows, "horizon"), where="post", color="#9467bd", lw=1.0, label="horizon"
-        )
-        ax2.set_ylabel("horizon (steps)")
-        top = np.nanmax(_column(rows, "horizon"), initial=0.0)
-        ax2.set_ylim(0, (top if np.isfinite(top) else 0.0) + 1)
-        ax2.yaxis.get_major_locator().set_params(integer=True)
-        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles=[*lines, *handles], fontsize=8, loc="lower right")
-        ax.set_title("confidence and horizon")
-        save(fig, "confidence_horizon.png")
-    return paths
-
-
-def _draw_losses(
-    ax: Any,
-    rows: Sequence[Row],
-    x: np.ndarray,
-    label: str,
-    color: str = "#111111",
-    style: str = "-",
-) -> None:
-    loss = _column(rows, "loss")
-    ok = np.isfinite(loss) & np.isfinite(x)
-    if ok.any():
-        ax.plot(x[ok], loss[ok], style, color=color, lw=1.0, label=f"{label} train loss")
-    if any("used_gradient" in r for r in rows):
-        pred = _column(rows, "predicted_loss")
-        predicted = np.array([not bool(r.get("used_gradient", True)) for r in rows])
-        ok = predicted & np.isfinite(pred) & np.isfinite(x)
-        if ok.any():
-            ax.plot(x[ok], pred[ok], ".", color="#ff7f0e", ms=2.5, label=f"{label} predicted loss")
-    if any("eval_loss" in r for r in rows):
-        ev = _column(rows, "eval_loss")
-        ok = np.isfinite(ev) & np.isfinite(x)
-        if ok.any():
-            ax.plot(
-                x[ok],
-                ev[ok],
-                "o" + style,
-                color=color if label == "baseline" else "#8c564b",
-                ms=3.5,
-                lw=1.0,
-                label=f"{label} eval loss",
-            )
-
-
-def _shade_phases(ax: Any, rows: Sequence[Row], x: np.ndarray, kind: str, patch: Any) -> list:
-    """One ``broken_barh`` per phase over merged runs of steps; returns legend patches."""
-    if not any("phase" in r for r in rows):
-        return []
-    phases = [int(r["phase"]) if "phase" in r else -1 for r in rows]
-    if kind == "step":
-        lo, hi = x - 0.5, x + 0.5
-    else:
-        lo, hi = np.concatenate([[0.0], x[:-1]]), x
-    ranges: dict[int, list[tuple[float, float]]] = {}
-    start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or phases[i] != phases[start]:
-            a, b = lo[start], hi[i - 1]
-            if phases[start] >= 0 and np.isfinite(a) and np.isfinite(b):
-                ranges.setdefault(phases[start], []).append((float(a), float(b - a)))
-            start = i
-    handles = []
-    for p, spans in sorted(ranges.items()):
-        color = PHASE_COLORS[p % len(PHASE_COLORS)]
-        ax.broken_barh(
-            spans, (0, 1), transform=ax.get_xaxis_transform(), facecolor=color, alpha=0.15, lw=0
-        )
-        handles.append(patch(facecolor=color, alpha=0.3, label=_phase_name(p)))
-    return handles
-
-
-def _log_scale_if_wide(ax: Any, rows: Sequence[Row], base: Sequence[Row]) -> None:
-    values = np.concatenate(
-        [_column(rs, k) for rs in (rows, base) if rs for k in ("loss", "eval_loss")]
-    )
-    values = values[np.isfinite(values)]
-    if values.size and values.min() > 0 and values.max() / values.min() > 10:
-        ax.set_yscale("log")
-
-
-def _column(rows: Sequence[Row], key: str, default_index: bool = False) -> np.ndarray:
-    if default_index and not any(key in r for r in rows):
-        return np.arange(len(rows), dtype=float)
-    return np.array([_f(r.get(key)) for r in rows], dtype=float)
-
-
 # -- helpers -----------------------------------------------------------------------
-def _phase_name(phase: Any) -> str:
-    if isinstance(phase, str):
-        return phase
-    i = int(phase)
-    return PHASE_NAMES[i] if 0 <= i < len(PHASE_NAMES) else str(i)
-
-
 def _py(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {k: _py(x) for k, x in v.items()}
@@ -524,15 +394,6 @@ def _parse_cell(s: str) -> Any:
         return float(s)
     except ValueError:
         return s
-
-
-def _f(v: Any) -> float:
-    if v is None:
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _is_number(v: Any) -> bool:

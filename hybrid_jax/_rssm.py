@@ -288,142 +288,148 @@ def rssm(config: RSSMSettings | Sizes | None = None, *, horizon: int = 15) -> Pr
         settings = config
     else:
         settings = Sizes(**(config or RSSMSettings()).to_dict(), horizon=horizon)
+    return Predictor(
+        "rssm", functools.partial(_init, settings), functools.partial(_observe, settings), _predict
+    )
 
-    def sized(state: RSSMState) -> Sizes:
-        _, g, b = state.rollout_coefs.shape
-        return settings._replace(
-            n_features=state.window.features.shape[1], n_groups=g, basis_size=b
-        )
 
-    def tx() -> optax.GradientTransformation:
-        return optax.chain(
-            optax.clip_by_global_norm(settings.grad_clip), optax.adam(settings.learning_rate)
-        )
+def _sized(settings: Sizes, state: RSSMState) -> Sizes:
+    """The sizes with those of the state's window and rollout filled in."""
+    _, g, b = state.rollout_coefs.shape
+    return settings._replace(n_features=state.window.features.shape[1], n_groups=g, basis_size=b)
 
-    def init(spec: PredictorSpec) -> RSSMState:
-        s = settings._replace(
-            n_features=n_features(spec.basis_size),
-            n_groups=spec.n_groups,
-            basis_size=spec.basis_size,
-        )
-        keys = jax.random.split(jax.random.key(s.seed), s.members + 1)
-        params = jax.vmap(lambda k: nnx.to_pure_dict(nnx.split(Member(s, nnx.Rngs(k)))[1]))(
-            keys[1:]
-        )
-        opt_state = jax.vmap(tx().init)(params)
-        w, g, b, f, m = s.window, s.n_groups, s.basis_size, s.n_features, s.members
-        window = Window(
-            jnp.zeros((w, f), jnp.float32),
-            jnp.zeros((w, g, b), jnp.float32),
-            jnp.zeros((w,), jnp.float32),
-            jnp.zeros((w,), bool),
-            jnp.zeros((w,), bool),
-            jnp.zeros((w, m), jnp.float32),
-            jnp.full((), w - 1, jnp.int32),
-        )
-        last = jnp.zeros((g, b), jnp.float32).at[:, 0].set(1.0)
-        return RSSMState(
-            params=params,
-            opt_state=opt_state,
-            window=window,
-            rollout_coefs=jnp.broadcast_to(last, (s.horizon, g, b)),
-            rollout_dlog=jnp.zeros((s.horizon,), jnp.float32),
-            rollout_spread=jnp.ones((s.horizon,), jnp.float32),
-            calib_w=jnp.asarray([0.0, 0.0], jnp.float32),
-            calib_p=jnp.eye(2, dtype=jnp.float32) * 10.0,
-            dlog_scale=jnp.asarray(1e-2, jnp.float32),
-            train_loss=jnp.asarray(jnp.nan, jnp.float32),
-            updates=jnp.zeros((), jnp.int32),
-            observed=jnp.zeros((), jnp.int32),
-            key=jax.random.key_data(keys[0]),
-        )
 
-    def observe(state: RSSMState, obs: Observation) -> RSSMState:
-        s = sized(state)
-        gd = _graphdef(s)
-        key = jax.random.wrap_key_data(state.key)
-        key, k_boot, k_train = jax.random.split(key, 3)
+def _optimizer(s: Sizes) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(s.grad_clip), optax.adam(s.learning_rate))
 
-        # calibration: last one-step spread -> realised accuracy of that prediction
-        acc = jnp.clip(obs.realised_cosine, 0.0, 1.0)
-        use = jnp.isfinite(acc) & (obs.gap == 1) & (state.updates > 0)
-        x = jnp.stack([jnp.float32(1.0), state.rollout_spread[0]])
-        lam = s.calibration_forget
-        px = state.calib_p @ x
-        gain = px / (lam + x @ px)
-        w_new = state.calib_w + gain * (acc - x @ state.calib_w)
-        p_new = (state.calib_p - jnp.outer(gain, px)) / lam
-        calib_w = jnp.where(use, w_new, state.calib_w)
-        calib_p = jnp.where(use, p_new, state.calib_p)
 
-        # window
-        win = state.window
-        head = jnp.mod(win.head + 1, s.window)
-        ok = jnp.all(jnp.isfinite(obs.target_coefs))
-        dlog = jnp.where(jnp.isfinite(obs.log_loss_change), obs.log_loss_change, 0.0)
-        boot = jax.random.bernoulli(k_boot, s.bootstrap, (s.members,)).astype(jnp.float32)
-        win = Window(
-            win.features.at[head].set(jnp.where(jnp.isfinite(obs.features), obs.features, 0.0)),
-            win.coefs.at[head].set(jnp.where(ok, obs.target_coefs, 0.0)),
-            win.dlog.at[head].set(dlog),
-            win.valid.at[head].set(ok),
-            win.consecutive.at[head].set(obs.gap == 1),
-            win.boot.at[head].set(boot),
-            head,
-        )
-        scale = jnp.sqrt(0.99 * state.dlog_scale**2 + 0.01 * dlog**2)
-        scale = jnp.maximum(scale, 1e-6)
+def _init(settings: Sizes, spec: PredictorSpec) -> RSSMState:
+    """Members initialised from ``seed``, an empty window, a rollout of the last update."""
+    s = settings._replace(
+        n_features=n_features(spec.basis_size), n_groups=spec.n_groups, basis_size=spec.basis_size
+    )
+    keys = jax.random.split(jax.random.key(s.seed), s.members + 1)
+    params = jax.vmap(lambda k: nnx.to_pure_dict(nnx.split(Member(s, nnx.Rngs(k)))[1]))(keys[1:])
+    w, g, b, f, m = s.window, s.n_groups, s.basis_size, s.n_features, s.members
+    window = Window(
+        jnp.zeros((w, f), jnp.float32),
+        jnp.zeros((w, g, b), jnp.float32),
+        jnp.zeros((w,), jnp.float32),
+        jnp.zeros((w,), bool),
+        jnp.zeros((w,), bool),
+        jnp.zeros((w, m), jnp.float32),
+        jnp.full((), w - 1, jnp.int32),
+    )
+    last = jnp.zeros((g, b), jnp.float32).at[:, 0].set(1.0)
+    return RSSMState(
+        params=params,
+        opt_state=jax.vmap(_optimizer(s).init)(params),
+        window=window,
+        rollout_coefs=jnp.broadcast_to(last, (s.horizon, g, b)),
+        rollout_dlog=jnp.zeros((s.horizon,), jnp.float32),
+        rollout_spread=jnp.ones((s.horizon,), jnp.float32),
+        calib_w=jnp.asarray([0.0, 0.0], jnp.float32),
+        calib_p=jnp.eye(2, dtype=jnp.float32) * 10.0,
+        dlog_scale=jnp.asarray(1e-2, jnp.float32),
+        train_loss=jnp.asarray(jnp.nan, jnp.float32),
+        updates=jnp.zeros((), jnp.int32),
+        observed=jnp.zeros((), jnp.int32),
+        key=jax.random.key_data(keys[0]),
+    )
 
-        # one training step on the window, every member (every ``train_every``-th
-        # observation; the others only filter the window with the current parameters)
-        chrono = _chronological(win)
-        member_keys = jax.random.split(k_train, s.members)
-        grad_fn = jax.value_and_grad(_member_loss, has_aux=True)
 
-        def train(params, opt_state):
-            def one(p, boot, k):
-                return grad_fn(p, gd, s, chrono, boot, k, scale)
+def _calibrate(s: Sizes, state: RSSMState, obs: Observation) -> tuple[jax.Array, jax.Array]:
+    """Recursive least squares: the last one-step spread -> the realised accuracy."""
+    acc = jnp.clip(obs.realised_cosine, 0.0, 1.0)
+    use = jnp.isfinite(acc) & (obs.gap == 1) & (state.updates > 0)
+    x = jnp.stack([jnp.float32(1.0), state.rollout_spread[0]])
+    lam = s.calibration_forget
+    px = state.calib_p @ x
+    gain = px / (lam + x @ px)
+    w_new = state.calib_w + gain * (acc - x @ state.calib_w)
+    p_new = (state.calib_p - jnp.outer(gain, px)) / lam
+    return jnp.where(use, w_new, state.calib_w), jnp.where(use, p_new, state.calib_p)
 
-            (loss, (h, z)), grads = jax.vmap(one)(params, chrono.boot.T, member_keys)
-            updates, opt_state = jax.vmap(tx().update)(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, jnp.mean(loss), h, z
 
-        def filter_only(params, opt_state):
-            def one(p, boot, k):
-                return _member_loss(p, gd, s, chrono, boot, k, scale)[1]
+def _push(s: Sizes, win: Window, obs: Observation, boot: jax.Array) -> Window:
+    """The observation written into the window's ring."""
+    head = jnp.mod(win.head + 1, s.window)
+    ok = jnp.all(jnp.isfinite(obs.target_coefs))
+    dlog = jnp.where(jnp.isfinite(obs.log_loss_change), obs.log_loss_change, 0.0)
+    return Window(
+        win.features.at[head].set(jnp.where(jnp.isfinite(obs.features), obs.features, 0.0)),
+        win.coefs.at[head].set(jnp.where(ok, obs.target_coefs, 0.0)),
+        win.dlog.at[head].set(dlog),
+        win.valid.at[head].set(ok),
+        win.consecutive.at[head].set(obs.gap == 1),
+        win.boot.at[head].set(boot),
+        head,
+    )
 
-            h, z = jax.vmap(one)(params, chrono.boot.T, member_keys)
-            return params, opt_state, state.train_loss, h, z
 
-        trained = jnp.mod(state.observed, s.train_every) == 0
-        if s.train_every == 1:
-            params, opt_state, loss, h, z = train(state.params, state.opt_state)
-        else:
-            params, opt_state, loss, h, z = jax.lax.cond(
-                trained, train, filter_only, state.params, state.opt_state
-            )
+def _learn(s: Sizes, state: RSSMState, win: Window, key: jax.Array, scale: jax.Array):
+    """One training step of every member on the window (every ``train_every``-th
+    observation; the others only filter the window with the current parameters).
+    Returns ``(params, opt_state, loss, h, z, trained)``."""
+    gd = _graphdef(s)
+    chrono = _chronological(win)
+    member_keys = jax.random.split(key, s.members)
+    grad_fn = jax.value_and_grad(_member_loss, has_aux=True)
 
-        coefs, dlog_units, spread = rollout_summary(_rollout(params, gd, s, h, z), s)
-        return RSSMState(
-            params=params,
-            opt_state=opt_state,
-            window=win,
-            rollout_coefs=coefs,
-            rollout_dlog=dlog_units * scale,
-            rollout_spread=spread,
-            calib_w=calib_w,
-            calib_p=calib_p,
-            dlog_scale=scale,
-            train_loss=loss,
-            updates=state.updates + trained.astype(jnp.int32),
-            observed=state.observed + 1,
-            key=jax.random.key_data(key),
-        )
+    def train(params, opt_state):
+        def one(p, boot, k):
+            return grad_fn(p, gd, s, chrono, boot, k, scale)
 
-    def predict(state: RSSMState, ctx: PredictContext) -> tuple[Prediction, RSSMState]:
-        k = jnp.clip(ctx.k, 0, state.rollout_dlog.shape[0] - 1)
-        x = jnp.stack([jnp.float32(1.0), state.rollout_spread[k]])
-        conf = jnp.where(state.updates > 0, jnp.clip(state.calib_w @ x, 0.0, 1.0), 0.0)
-        return Prediction(state.rollout_coefs[k], state.rollout_dlog[k], conf), state
+        (loss, (h, z)), grads = jax.vmap(one)(params, chrono.boot.T, member_keys)
+        updates, opt_state = jax.vmap(_optimizer(s).update)(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, jnp.mean(loss), h, z
 
-    return Predictor("rssm", init, observe, predict)
+    def filter_only(params, opt_state):
+        def one(p, boot, k):
+            return _member_loss(p, gd, s, chrono, boot, k, scale)[1]
+
+        h, z = jax.vmap(one)(params, chrono.boot.T, member_keys)
+        return params, opt_state, state.train_loss, h, z
+
+    trained = jnp.mod(state.observed, s.train_every) == 0
+    if s.train_every == 1:
+        return (*train(state.params, state.opt_state), trained)
+    out = jax.lax.cond(trained, train, filter_only, state.params, state.opt_state)
+    return (*out, trained)
+
+
+def _observe(settings: Sizes, state: RSSMState, obs: Observation) -> RSSMState:
+    """Calibrate, push the observation into the window, train (or filter), roll out."""
+    s = _sized(settings, state)
+    key = jax.random.wrap_key_data(state.key)
+    key, k_boot, k_train = jax.random.split(key, 3)
+    calib_w, calib_p = _calibrate(s, state, obs)
+    boot = jax.random.bernoulli(k_boot, s.bootstrap, (s.members,)).astype(jnp.float32)
+    win = _push(s, state.window, obs, boot)
+    dlog = win.dlog[win.head]
+    scale = jnp.maximum(jnp.sqrt(0.99 * state.dlog_scale**2 + 0.01 * dlog**2), 1e-6)
+    params, opt_state, loss, h, z, trained = _learn(s, state, win, k_train, scale)
+    coefs, dlog_units, spread = rollout_summary(_rollout(params, _graphdef(s), s, h, z), s)
+    return RSSMState(
+        params=params,
+        opt_state=opt_state,
+        window=win,
+        rollout_coefs=coefs,
+        rollout_dlog=dlog_units * scale,
+        rollout_spread=spread,
+        calib_w=calib_w,
+        calib_p=calib_p,
+        dlog_scale=scale,
+        train_loss=loss,
+        updates=state.updates + trained.astype(jnp.int32),
+        observed=state.observed + 1,
+        key=jax.random.key_data(key),
+    )
+
+
+def _predict(state: RSSMState, ctx: PredictContext) -> tuple[Prediction, RSSMState]:
+    """The rollout's step ``ctx.k``, its confidence from the calibration."""
+    k = jnp.clip(ctx.k, 0, state.rollout_dlog.shape[0] - 1)
+    x = jnp.stack([jnp.float32(1.0), state.rollout_spread[k]])
+    conf = jnp.where(state.updates > 0, jnp.clip(state.calib_w @ x, 0.0, 1.0), 0.0)
+    return Prediction(state.rollout_coefs[k], state.rollout_dlog[k], conf), state

@@ -136,11 +136,38 @@ def check(
     return Check(skip, jnp.asarray(accepted), rollback, skip | rollback, verdict, monitor)
 
 
+_SCHEDULE_STATES = (
+    optax.ScaleByScheduleState,
+    optax.InjectHyperparamsState,
+    optax.InjectStatefulHyperparamsState,
+)
+
+
+def at_step(inner_state: PyTree, step: jax.Array) -> PyTree:
+    """``inner_state`` with the step count of every schedule in it (``scale_by_schedule``,
+    ``inject_hyperparams``) set to ``step``; other counts (Adam's, for its bias
+    correction) are left alone."""
+
+    def fix(node: Any) -> Any:
+        if not isinstance(node, _SCHEDULE_STATES):
+            return node
+        node = node._replace(count=jnp.asarray(step, jnp.result_type(node.count)))
+        if hasattr(node, "inner_state"):
+            node = node._replace(inner_state=at_step(node.inner_state, step))
+        return node
+
+    return jax.tree.map(fix, inner_state, is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES))
+
+
 def apply_inner(
     setup: Setup, grads: PyTree, state: HybridState, params: PyTree, drop: jax.Array, **extra
 ) -> tuple[PyTree, PyTree]:
-    """The wrapped optimizer's update, zero (and its state unchanged) where ``drop``."""
-    updates, inner_state = setup.inner.update(grads, state.inner, params, **extra)
+    """The wrapped optimizer's update, zero (and its state unchanged) where ``drop``.
+    With ``schedule_steps="global"`` its schedules see the global step."""
+    inner = state.inner
+    if setup.cfg.schedule_steps == "global":
+        inner = at_step(inner, state.step)
+    updates, inner_state = setup.inner.update(grads, inner, params, **extra)
     # The zero is opaque to XLA: a zero *constant* of a parameter's shape is merged with
     # the backward pass's zero-initialised accumulators (of scanned layers), and is then
     # written out and copied as a whole buffer on every step.

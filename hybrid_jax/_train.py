@@ -9,6 +9,7 @@ checkpoint, and orbax checkpoints from which a run resumes exactly.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,11 +25,13 @@ from ._dispatch import DispatchedStep
 from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
 from ._phases import FULL
+from ._progress import progress_bar
 from ._step import hybrid_step
 from ._transform import PredictiveTransformation
 
 PyTree = Any
 Row = dict[str, Any]
+_Pending = list[tuple[int, float, jax.Array]]  # (step, time, packed metrics on device)
 
 
 @dataclass
@@ -206,128 +209,183 @@ def train(
     Returns:
       A ``TrainResult``.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"train: steps must be an int >= 1; got {steps!r}")
-    if not isinstance(sync_every, int) or sync_every < 1:
-        raise ValueError(f"train: sync_every must be an int >= 1; got {sync_every!r}")
-    if not isinstance(eval_every, int) or eval_every < 0:
-        raise ValueError(f"train: eval_every must be an int >= 0; got {eval_every!r}")
-    if resume and checkpointer is None:
-        raise ValueError("train: resume=True needs a checkpointer")
-    state = jax.jit(tx.init)(params) if state is None else state
-    start = 0
-    if resume:
-        restored = checkpointer.restore(params, state)
-        if restored is not None:
-            start, params, state, _ = restored  # checkpoint N holds the state after N steps
+    _check_args(steps=steps, sync_every=sync_every, eval_every=eval_every)
+    start, params, state = _start(tx, params, state, checkpointer=checkpointer, resume=resume)
     result = TrainResult(params, state, start_step=start)
     if start >= steps:
         return result
 
     step_fn = make_train_step(loss_fn, tx, stepping=stepping)
-    plain = not isinstance(tx, PredictiveTransformation)
-    carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
     batches = data(start)
-    bar = _progress(progress, steps, start, desc)
-    pending: list[tuple[int, float, jax.Array]] = []
-    emergency: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-
-    def save(i: int, reason: str) -> None:
-        """Checkpoints the state after step ``i``, as checkpoint ``i + 1`` (steps done),
-        before the next step donates its buffers."""
-        if checkpointer is not None:
-            checkpointer.save(i + 1, params, state, extra={"reason": reason}, force=True)
-
-    def flush() -> None:
-        if not pending:
-            return
-        vecs = jax.device_get([v for _, _, v in pending])
-        new_rows = []
-        for (_, t, _), vec in zip(pending, vecs, strict=True):
-            row = _unpack(np.asarray(vec))
-            row["time"] = t
-            new_rows.append(row)
-        pending.clear()
-        result.rows.extend(new_rows)
-        for cb in callbacks:
-            for row in new_rows:
-                cb(row)
-        if memory is not None:
-            last = new_rows[-1]
-            sample = memory.sample(last["step"], last["phase"])
-            if sample.get("emergency_started"):
-                emergency.append(sample)
-        bar(new_rows[-1], len(new_rows))
-
-    for i in range(start, steps):
-        batch = next(batches)
-        params, carry, vec = step_fn(params, carry, batch)
-        state = carry[0] if plain else carry
-        if i == start:  # compilation: timed apart, the clock of the rows starts after it
-            jax.block_until_ready(vec)
-            result.compile_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        pending.append((i, time.perf_counter() - t0, vec))
-        last_step = i == steps - 1
-        if len(pending) >= sync_every or last_step:
-            flush()
-        if eval_fn is not None and ((eval_every and (i + 1) % eval_every == 0) or last_step):
-            flush()
-            loss = float(eval_fn(params))
-            result.evals.append((i, loss))
-            result.rows[-1]["eval_loss"] = loss
-        if emergency:
-            save(i, "memory emergency")
-            emergency.clear()
-        if checkpointer is not None and ((i + 1) % checkpointer.every == 0 or last_step):
-            save(i, "end" if last_step else "interval")
+    bar = progress_bar(progress, steps, start, desc)
+    flush = functools.partial(_flush, result=result, callbacks=callbacks, memory=memory, bar=bar)
+    params, state = _step_loop(
+        step_fn,
+        params,
+        state,
+        batches,
+        plain=not isinstance(tx, PredictiveTransformation),
+        start=start,
+        steps=steps,
+        sync_every=sync_every,
+        eval_fn=eval_fn,
+        eval_every=eval_every,
+        checkpointer=checkpointer,
+        flush=flush,
+        result=result,
+    )
     bar(None, 0)
     result.params, result.state = params, state
     result.memory = memory.summary() if memory is not None else None
     return result
 
 
-def _progress(
-    enabled: bool, total: int, start: int, desc: str
-) -> Callable[[Row | None, int], None]:
-    """A progress callback ``(last_row, n_new)``; ``(None, 0)`` closes it."""
-    if not enabled:
-        return lambda row, n: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - depends on the environment
-        tqdm = None
-    skipped = _skipped_share
-    if tqdm is None:
-
-        def line(row: Row | None, n: int) -> None:
-            if row is not None:
-                print(f"{desc} step {row['step'] + 1}/{total} {_describe(row, skipped(row))}")
-
-        return line
-    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
-
-    def update(row: Row | None, n: int) -> None:
-        if row is None:
-            bar.close()
-            return
-        bar.set_postfix_str(_describe(row, skipped(row)), refresh=False)
-        bar.update(n)
-
-    return update
+def _check_args(*, steps: int, sync_every: int, eval_every: int) -> None:
+    """Raises ``ValueError`` unless ``steps``, ``sync_every`` >= 1 and ``eval_every`` >= 0."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"train: steps must be an int >= 1; got {steps!r}")
+    if not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"train: sync_every must be an int >= 1; got {sync_every!r}")
+    if not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(f"train: eval_every must be an int >= 0; got {eval_every!r}")
 
 
-def _skipped_share(row: Row) -> float:
-    return 1.0 - row["backward_passes"] / max(row["step"] + 1, 1)
+def _start(
+    tx: optax.GradientTransformation,
+    params: PyTree,
+    state: Any,
+    *,
+    checkpointer: Checkpointer | None,
+    resume: bool,
+) -> tuple[int, PyTree, Any]:
+    """The first step to run, and the params and optimizer state it starts from.
+
+    ``state`` defaults to ``tx.init(params)``. With ``resume`` (which needs a
+    checkpointer), the latest good checkpoint, if any, replaces both: checkpoint N holds
+    the state after N steps, so the run goes on at step N.
+    """
+    if resume and checkpointer is None:
+        raise ValueError("train: resume=True needs a checkpointer")
+    state = jax.jit(tx.init)(params) if state is None else state
+    if resume:
+        restored = checkpointer.restore(params, state)
+        if restored is not None:
+            start, params, state, _ = restored
+            return start, params, state
+    return 0, params, state
 
 
-def _describe(row: Row, skipped: float) -> str:
-    from ._phases import PHASE_NAMES
+def _step_loop(
+    step_fn: Callable[..., tuple[PyTree, Any, jax.Array]],
+    params: PyTree,
+    state: Any,
+    batches: Iterator[Any],
+    *,
+    plain: bool,
+    start: int,
+    steps: int,
+    sync_every: int,
+    eval_fn: Callable[[PyTree], Any] | None,
+    eval_every: int,
+    checkpointer: Checkpointer | None,
+    flush: Callable[[_Pending], bool],
+    result: TrainResult,
+) -> tuple[PyTree, Any]:
+    """Runs steps ``start .. steps - 1``; returns the params and optimizer state after them.
 
-    loss = row["loss"]
-    loss_s = f"{loss:.4f}" if np.isfinite(loss) else "-"
-    return (
-        f"phase={PHASE_NAMES[row['phase']]} loss={loss_s} conf={row['confidence']:.2f} "
-        f"skipped={skipped:.0%}"
-    )
+    Each step's packed metrics wait on the device in a pending list until ``flush`` (see
+    ``_flush``) fetches them: every ``sync_every`` steps, after the last step and before an
+    evaluation. Evaluations go into ``result``; checkpoints are saved on a memory
+    emergency, every ``checkpointer.every`` steps and after the last step.
+    """
+    carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
+    pending: _Pending = []
+    emergency = False
+    t0 = time.perf_counter()
+    for i in range(start, steps):
+        batch = next(batches)
+        params, carry, vec = step_fn(params, carry, batch)
+        state = carry[0] if plain else carry
+        if i == start:  # compilation: timed apart, the clock of the rows starts after it
+            result.compile_seconds, t0 = _end_compile(vec, t0)
+        pending.append((i, time.perf_counter() - t0, vec))
+        last_step = i == steps - 1
+        if len(pending) >= sync_every or last_step:
+            emergency |= flush(pending)
+        if eval_fn is not None and ((eval_every and (i + 1) % eval_every == 0) or last_step):
+            emergency |= flush(pending)
+            _evaluate(eval_fn, params, step=i, result=result)
+        if emergency:
+            _save(checkpointer, step=i, params=params, state=state, reason="memory emergency")
+            emergency = False
+        if checkpointer is not None and ((i + 1) % checkpointer.every == 0 or last_step):
+            reason = "end" if last_step else "interval"
+            _save(checkpointer, step=i, params=params, state=state, reason=reason)
+    return params, state
+
+
+def _end_compile(vec: jax.Array, t0: float) -> tuple[float, float]:
+    """Waits for the first step; returns its seconds since ``t0`` and the rows' new t0."""
+    jax.block_until_ready(vec)
+    compile_seconds = time.perf_counter() - t0
+    return compile_seconds, time.perf_counter()
+
+
+def _fetch_rows(pending: _Pending) -> list[Row]:
+    """The rows of the pending steps, fetched in one transfer, each with its ``time``."""
+    vecs = jax.device_get([v for _, _, v in pending])
+    rows = []
+    for (_, t, _), vec in zip(pending, vecs, strict=True):
+        row = _unpack(np.asarray(vec))
+        row["time"] = t
+        rows.append(row)
+    return rows
+
+
+def _flush(
+    pending: _Pending,
+    *,
+    result: TrainResult,
+    callbacks: Sequence[Callable[[Row], None]],
+    memory: MemoryMonitor | None,
+    bar: Callable[[Row | None, int], None],
+) -> bool:
+    """Fetches and empties ``pending``: its rows go to ``result.rows``, the callbacks and
+    the progress bar, and the memory monitor samples once.
+
+    Returns:
+      Whether that sample started a memory emergency (``False`` with nothing pending).
+    """
+    if not pending:
+        return False
+    new_rows = _fetch_rows(pending)
+    pending.clear()
+    result.rows.extend(new_rows)
+    for cb in callbacks:
+        for row in new_rows:
+            cb(row)
+    emergency = False
+    if memory is not None:
+        last = new_rows[-1]
+        sample = memory.sample(last["step"], last["phase"])
+        emergency = bool(sample.get("emergency_started"))
+    bar(new_rows[-1], len(new_rows))
+    return emergency
+
+
+def _evaluate(
+    eval_fn: Callable[[PyTree], Any], params: PyTree, *, step: int, result: TrainResult
+) -> None:
+    """Runs ``eval_fn`` after ``step``: into ``result.evals`` and the last row's ``eval_loss``."""
+    loss = float(eval_fn(params))
+    result.evals.append((step, loss))
+    result.rows[-1]["eval_loss"] = loss
+
+
+def _save(
+    checkpointer: Checkpointer | None, *, step: int, params: PyTree, state: Any, reason: str
+) -> None:
+    """Checkpoints the state after step ``step``, as checkpoint ``step + 1`` (steps done),
+    before the next step donates its buffers (nothing without a checkpointer)."""
+    if checkpointer is not None:
+        checkpointer.save(step + 1, params, state, extra={"reason": reason}, force=True)

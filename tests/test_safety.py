@@ -91,7 +91,7 @@ def plain_adamw(split, batches, plan):
 HARM = -100.0  # every predicted step applies HARM x the last real update
 HARM_STEPS = 600  # the run the held-out comparison is made on
 UNDERFLOW_STEPS = 1000  # the harmful predictor keeps going until here ...
-BENIGN_STEPS = 150  # ... then predicts zero updates (always accepted) for this many steps
+BENIGN_STEPS = 500  # ... then zero updates (always accepted), after the back-off ends
 
 
 def harmful_predictor():
@@ -237,7 +237,10 @@ def test_harmful_predictor_is_always_rolled_back(harmful, harmful_600):
         f"({r['hybrid'] / r['base_applied'] - 1:+.2%}) "
         f"adamw(all backward batches, {int(c.backward_passes)})={r['base_backward']:.5f}"
     )
-    assert ended >= 30
+    # every rejected phase doubles the Full phase after it: the predictor is tried less
+    # and less often, and costs few steps
+    assert ended >= 4
+    assert int(c.predicted_steps) < 0.05 * n
     assert int(c.verifications) == ended
     assert int(c.rollbacks) == int(c.verifications) == int(np.sum(m["rolled_back"]))
     assert int(c.predict_phases) - ended in (0, 1)  # the last one may still be running

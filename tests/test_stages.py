@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import fast_config, quadratic_params
+from conftest import SAFETY_OFF, fast_config, quadratic_batches, quadratic_loss, quadratic_params
 
 import hybrid_jax as hj
-from hybrid_jax import _kinds, _phases, _stages, _transform
+from hybrid_jax import _kinds, _phases, _predicted, _stages
 
 T, F = jnp.asarray(True), jnp.asarray(False)
 
@@ -30,7 +30,7 @@ def _phase(phase_id, step, budget, consecutive=0):
 
 
 def _ids(ph):
-    return tuple(int(x) for x in ph)
+    return tuple(int(x) for x in ph[:4])  # id, step, budget, consecutive
 
 
 # -- the phase machine ------------------------------------------------------------------
@@ -47,6 +47,15 @@ def test_a_real_step_ending_a_full_phase_starts_a_predict_phase_when_allowed():
     # a monitor warning of the step before: a Full phase follows, whatever else
     s = _phases.schedule_after(cfg, end_of_full, _pending(force_full=True), F, may_predict=T, **kw)
     assert _ids(s.phase) == (hj.FULL, 0, cfg.full_steps, 0)
+
+
+def test_a_forced_full_phase_doubles_with_each_rejected_predict_phase():
+    cfg = fast_config(full_steps=3)
+    kw = dict(real=True, verifying=False, first=False, next_horizon=4, may_predict=T)
+    for rejected, budget in ((0, 3), (1, 6), (3, 24), (9, 3 * 2**_phases.MAX_BACKOFF)):
+        ph = _phase(hj.CORRECT, 0, 2)._replace(rejected=jnp.int32(rejected))
+        s = _phases.schedule_after(cfg, ph, _pending(force_full=True), F, **kw)
+        assert _ids(s.phase) == (hj.FULL, 0, budget, 0) and int(s.phase.rejected) == rejected
 
 
 def test_the_gate_reads_the_confidence_and_the_step_before():
@@ -167,9 +176,59 @@ def test_plan_shrinks_the_horizon_at_a_rollback_and_grows_it_back_when_accepted(
 def test_guard_keeps_non_finite_values_out_and_an_idle_step_applies_nothing():
     params = {"a": jnp.array([1.0, 3e38, 2.0]), "b": jnp.array([0.5])}
     delta = {"a": jnp.array([0.1, 3e38, jnp.nan]), "b": jnp.array([0.2])}
-    safe, held = _transform.guard_nonfinite(params, delta, F)
+    safe, held = _predicted.guard_nonfinite(params, delta, F)
     np.testing.assert_array_equal(safe["a"], np.float32([0.1, 0.0, 0.0]))
     np.testing.assert_array_equal(safe["b"], np.float32([0.2]))
     assert bool(held)
-    safe, _ = _transform.guard_nonfinite(params, delta, T)
+    safe, _ = _predicted.guard_nonfinite(params, delta, T)
     assert all(bool(jnp.all(d == 0)) for d in jax.tree.leaves(safe))
+
+
+def _schedule_count(inner_state):
+    states = [
+        s
+        for s in jax.tree.leaves(
+            inner_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+        )
+        if isinstance(s, optax.ScaleByScheduleState)
+    ]
+    assert len(states) == 1
+    return int(states[0].count)
+
+
+@pytest.mark.parametrize("schedule_steps", ["global", "real"])
+def test_a_schedule_inside_the_optimizer_follows_the_global_step(schedule_steps):
+    """``optax.adamw(schedule)`` inside ``optax.chain``: with ``schedule_steps="global"``
+    the schedule's count is the run's step, predicted steps included, so it reaches its
+    end value at the run's last step; with ``"real"`` it lags by the predicted steps."""
+    n = 60
+    sched = optax.linear_schedule(1e-2, 0.0, n)
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched))
+    cfg = fast_config(schedule_steps=schedule_steps, **SAFETY_OFF)
+    tx = hj.predictive(inner, cfg)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    params = quadratic_params()
+    state = tx.init(params)
+    batches = quadratic_batches(n)
+    for batch in batches[:-1]:
+        params, state, _ = step(params, state, batch)
+    state = hj.force_full(state, 1)  # the run's last step (global step n - 1) is real
+    params, state, m = step(params, state, batches[-1])
+    assert bool(m["used_gradient"]) and int(m["step"]) == n - 1
+    c = state.counters
+    assert int(c.predicted_steps) > 10
+    count, real = _schedule_count(state.inner), int(c.real_steps)
+    if schedule_steps == "global":
+        assert count == n and float(sched(count - 1)) == pytest.approx(1e-2 / n)
+        assert float(sched(count)) == 0.0  # the end value, reached with the run
+    else:
+        assert count == real < n
+    # Adam's own count (bias correction) counts the updates its moments have seen
+    adam = [
+        s
+        for s in jax.tree.leaves(
+            state.inner, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    assert int(adam[0].count) == real
