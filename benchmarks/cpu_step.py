@@ -5,8 +5,9 @@
 Every arm is ``hj.train`` on the same data (digits, batch 64), compilation excluded
 (``TrainResult.rows`` time from the end of the first step): plain AdamW; the hybrid with
 no Predict phase (``confidence_threshold=1.0`` and a predictor that is never confident,
-so every step is an observed real step) stepped by ``make_dispatched_step`` (the
-default) and by ``make_hybrid_step`` (``stepping="cond"``). The figure is seconds per
+so every step is a real step) stepped by ``make_dispatched_step`` (the default; with
+every real step observed, and with ``observe_every=8``) and by ``make_hybrid_step``
+(``stepping="cond"``). The figure is seconds per
 step over the run after the first step, the median over repeats (arms alternating),
 and its ratio to plain AdamW.
 
@@ -82,6 +83,12 @@ def main() -> None:
         "adamw": (optax.adamw(1e-3), "dispatched"),
         "hybrid, dispatched (default)": (
             hj.predictive(optax.adamw(1e-3), cfg, predictor=never_confident()),
+            "dispatched",
+        ),
+        "hybrid, dispatched, observe_every=8": (
+            hj.predictive(
+                optax.adamw(1e-3), cfg.replace(observe_every=8), predictor=never_confident()
+            ),
             "dispatched",
         ),
         "hybrid, cond": (

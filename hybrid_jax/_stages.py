@@ -317,6 +317,8 @@ def learn(
         confidence=state.stats.confidence,
         keep=consecutive,
     )
+    if not cfg.correct_predictions:  # nothing reads it: no need to learn it
+        return Learned(basis, enc, dynamics, residuals, state.corrector, feats, norm)
     corrector = _residuals.update(
         state.corrector,
         pred_coefs=jnp.asarray(pk.raw.coefs, jnp.float32),
@@ -362,7 +364,7 @@ def reward(
     r = jnp.clip(progress / per_step / cost, -100.0, 100.0)
     learn_arm = verifying & (state.bandit.last_arm >= 0) & jnp.isfinite(r)
     bandit = state.bandit
-    if observe:
+    if observe and cfg.horizon_policy == "bandit":  # only the bandit policy reads it
         value = jnp.where(learn_arm, r, jnp.nan)
         bandit = _bandit.update(
             bandit, bandit.last_arm, bandit.last_context, value, cfg.bandit.discount
