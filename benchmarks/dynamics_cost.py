@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--rollout-only", action="store_true", help="skip the other pieces")
     args = ap.parse_args()
     g, b = args.groups, args.basis
-    base = _rssm.Sizes(members=args.members, hidden=args.hidden, window=args.window)
+    base = _rssm.sizes(members=args.members, hidden=args.hidden, window=args.window)
     f = _encoder.n_features(b)
     rows, busy, span = [], {}, {}
 
@@ -118,7 +118,7 @@ def main() -> None:
 def other_pieces(args, record):
     """The online training update, the feature encoding and the bandit."""
     g, b = args.groups, args.basis
-    base = _rssm.Sizes(members=args.members, hidden=args.hidden, window=args.window)
+    base = _rssm.sizes(members=args.members, hidden=args.hidden, window=args.window)
     f = _encoder.n_features(b)
 
     pred = _rssm.rssm(base)

@@ -52,28 +52,34 @@ PyTree = Any
 
 class Sizes(NamedTuple):
     """Sizes and rates of the dynamics model: ``hj.RSSMSettings``, the horizon, and the
-    sizes a ``PredictorSpec`` gives at ``init``."""
+    sizes a ``PredictorSpec`` gives at ``init``. Build it with ``sizes``: the defaults
+    are those of ``hj.RSSMSettings``."""
 
-    members: int = 5
-    hidden: int = 256
-    latent_groups: int = 4
-    latent_classes: int = 8
-    mlp: int = 128
-    window: int = 16
-    learning_rate: float = 1e-3
-    grad_clip: float = 1.0
-    free_bits: float = 1.0
-    kl_dyn: float = 0.5
-    kl_rep: float = 0.1
-    bootstrap: float = 0.5
-    calibration_forget: float = 0.99
-    rollout_kernel: bool = False
-    train_every: int = 1
+    members: int
+    hidden: int
+    latent_groups: int
+    latent_classes: int
+    mlp: int
+    window: int
+    learning_rate: float
+    grad_clip: float
+    free_bits: float
+    kl_dyn: float
+    kl_rep: float
+    bootstrap: float
+    calibration_forget: float
+    rollout_kernel: bool
+    train_every: int
     horizon: int = 15
     seed: int = 0
     n_features: int = 0
     n_groups: int = 1
     basis_size: int = 2
+
+
+def sizes(config: RSSMSettings | None = None, *, horizon: int = 15, **changes: Any) -> Sizes:
+    """``Sizes`` from an ``hj.RSSMSettings`` (its defaults if omitted), with ``changes``."""
+    return Sizes(**{**(config or RSSMSettings()).to_dict(), "horizon": horizon, **changes})
 
 
 class _MLP(nnx.Module):
@@ -287,7 +293,7 @@ def rssm(config: RSSMSettings | Sizes | None = None, *, horizon: int = 15) -> Pr
     if isinstance(config, Sizes):
         settings = config
     else:
-        settings = Sizes(**(config or RSSMSettings()).to_dict(), horizon=horizon)
+        settings = sizes(config, horizon=horizon)
     return Predictor(
         "rssm", functools.partial(_init, settings), functools.partial(_observe, settings), _predict
     )

@@ -10,7 +10,7 @@ from hybrid_jax._predictors import Observation, PredictContext, PredictorSpec
 
 G, B = 3, 2
 F = _encoder.n_features(B)
-SETTINGS = _rssm.Sizes(
+SETTINGS = _rssm.sizes(
     members=5, hidden=64, mlp=64, window=16, horizon=5, learning_rate=1e-3, seed=0
 )
 
