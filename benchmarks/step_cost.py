@@ -134,6 +134,65 @@ def while_step(loss_fn, tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+PHASE_STEPS = 6
+
+
+def pinned_phase(state: hj.HybridState) -> hj.HybridState:
+    """The state at the start of a Predict phase of ``PHASE_STEPS`` steps, nothing pending."""
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    no = jnp.asarray(False)
+    phase = state.phase._replace(id=i32(hj.PREDICT), step=i32(0), budget=i32(PHASE_STEPS))
+    pending = state.pending._replace(verify=no, veto=no, force_full=no)
+    return state._replace(phase=phase, pending=pending, snapshot_valid=no)
+
+
+def time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, repeats: int) -> None:
+    """Predict phases of ``PHASE_STEPS`` steps run as one program each: on the device
+    alone (the program in a loop), and stepped from Python (``fuse_predict=True``, one
+    call per step; each phase begins with a state set from outside, which the step
+    reads at once: one more small program and host read per phase than in a run)."""
+    tx = hj.predictive(inner, cfg.replace(max_horizon=PHASE_STEPS, min_horizon=PHASE_STEPS))
+    step = hj.make_dispatched_step(loss_fn, tx, fuse_predict=True)
+    p, state = fresh(), None
+    state = tx.init(p)
+    for _ in range(3):  # fill the basis with real updates
+        p, state, _ = step(p, state, batch)
+    pin = jax.jit(pinned_phase, donate_argnums=(0,))
+
+    def on_device(params, state):
+        out = tx.predicted_phase(
+            pinned_phase(state), params, length=PHASE_STEPS, metrics_fn=hj.metrics
+        )
+        return out[:2]
+
+    phases = 10
+    compiled, cs = timed_compile(jax.jit(on_device, donate_argnums=(0, 1)), p, state)
+    box = [(p, state)]
+
+    def device_loop():
+        c = box[0]
+        for _ in range(phases):
+            c = compiled(*c)
+        box[0] = c
+        return c
+
+    t, s = median_time(device_loop, repeats)
+    record(f"predict phase of {PHASE_STEPS}, one program", t / phases, s / phases, cs)
+    p, state = box[0]
+
+    def python_loop():
+        nonlocal p, state
+        for _ in range(phases):
+            state = pin(state)
+            for _ in range(PHASE_STEPS):
+                p, state, _ = step(p, state, batch)
+        return p
+
+    t, s = median_time(python_loop, repeats)
+    record(f"predict phase of {PHASE_STEPS}, stepped", t / phases, s / phases, cs)
+    assert step.phases_fused >= phases * repeats, step.phases_fused
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,7 +210,10 @@ def main() -> None:
         "--observe-every", default="1", help="comma list of HybridConfig.observe_every values"
     )
     ap.add_argument(
-        "--variants", default="cond", help="comma list: cond,delta_cond,while,dispatched"
+        "--variants",
+        default="cond",
+        help="comma list: cond,delta_cond,while,dispatched,fused (Predict phases of 6 steps "
+        "run as one program each)",
     )
     ap.add_argument("--skip-baselines", action="store_true", help="only the hybrid variants")
     ap.add_argument("--fused", action="store_true", help="also time lax.scan loops")
@@ -266,7 +328,7 @@ def main() -> None:
     }
     observe = [int(x) for x in args.observe_every.split(",")]
     hybrid_runs = [(v, k, o) for o in observe for k in strides for v in args.variants.split(",")]
-    for variant, stride, every in hybrid_runs:
+    for variant, stride, every in [r for r in hybrid_runs if r[0] != "fused"]:
         tx = hj.predictive(
             inner, cfg.replace(basis=cfg.basis.replace(sketch_stride=stride), observe_every=every)
         )
@@ -305,6 +367,9 @@ def main() -> None:
             print(f"device time that hybrid[{variant}] real adds to adamw, by kernel (ms/loop):")
             for k, v in timeline_diff(timelines["adamw"], timelines[f"hybrid[{variant}] real"], 25):
                 print(f"  {v:+9.3f}  {k}")
+
+    if "fused" in args.variants.split(","):
+        time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, args.repeats)
 
     if args.fused:
         stacked = jax.tree.map(lambda x: jnp.stack([x] * n), batch)

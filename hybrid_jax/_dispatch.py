@@ -11,6 +11,13 @@ would wait for the device on every step. Every program therefore also returns
 ``t - 1`` while step ``t`` runs. By the phase machine's one rule (``hybrid_jax._phases``)
 that kind is exact, so this step takes the same steps as ``make_hybrid_step`` and
 reaches the same parameters up to rounding (tested).
+
+With ``fuse_predict=True`` a Predict phase needs no data and runs as one program
+(``hybrid_jax._predicted.predicted_phase``): its first call applies the whole phase
+(up to ``max_horizon`` steps) in one pass over the parameters and the basis, and the
+calls after it, one per step of the phase, return that phase's metrics rows one by one
+without launching anything (their batches are not used). The host reads the phase's
+length then, once per phase.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from ._kinds import (
     kind_of,
     kinds_used,
     loss_with_aux,
+    missing,
     step_kinds,
 )
 from ._metrics import metrics
@@ -40,6 +48,9 @@ from ._state import HybridState
 from ._transform import PredictiveTransformation
 
 PyTree = Any
+
+# Not a kind of step: the key of the fused Predict phase's program.
+PHASE = len(KIND_NAMES)
 
 __all__ = ["KIND_NAMES", "PLAIN", "PREDICT", "PREDICT_FIRST", "REAL", "VERIFY", "DispatchedStep"]
 
@@ -62,6 +73,13 @@ class DispatchedStep:
     does wait for the one before: at most two steps are queued on the device); it
     reads one more, at once, whenever it is given a state it did not return itself
     (the first call, a restored checkpoint).
+
+    ``fuse_predict=True`` runs each Predict phase as one program (see the module): the
+    params and state returned by its first call are those after the whole phase, and
+    ``steps_ahead`` says by how many of the coming calls (each returns the same params
+    and state and the next step's metrics, as host scalars). Checkpoint or evaluate
+    where ``steps_ahead == 0``. It needs ``config.monitor_every == 0`` (the monitor's
+    forward passes need each step's batch).
     """
 
     def __init__(
@@ -73,9 +91,16 @@ class DispatchedStep:
         donate: bool = True,
         prepare: Callable[..., HybridState] | None = None,
         metrics_fn: Callable[[HybridState], Any] = metrics,
+        fuse_predict: bool = False,
     ):
         if not isinstance(tx, PredictiveTransformation):
             raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
+        if fuse_predict and tx.config.monitor_every > 0:
+            raise ValueError(
+                "fuse_predict=True needs HybridConfig(monitor_every=0): the monitor's "
+                f"forward passes need each step's batch (got monitor_every="
+                f"{tx.config.monitor_every}); pass fuse_predict=False or monitor_every=0"
+            )
         for name, fn in (("prepare", prepare), ("metrics_fn", metrics_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable; got {type(fn).__name__}")
@@ -90,10 +115,21 @@ class DispatchedStep:
         self._pending: collections.deque = collections.deque()
         self._last_state: HybridState | None = None
         self.kind_counts = [0] * len(KIND_NAMES)
+        self._fuse = bool(fuse_predict)
+        cfg = tx.config
+        self._read = jax.jit(lambda s: (kind_of(cfg, s), kind_after_next(cfg, s)))
+        self._covered: collections.deque = collections.deque()  # rows of a fused phase
+        self.phases_fused = 0
+
+    @property
+    def steps_ahead(self) -> int:
+        """Coming calls already applied by a fused Predict phase (0 without one)."""
+        return len(self._covered)
 
     @property
     def compiled_kinds(self) -> list[str]:
-        return [KIND_NAMES[k] for k in sorted(self._programs)]
+        names = (*KIND_NAMES, "predict_phase")
+        return [names[k] for k in sorted(self._programs)]
 
     def _program(self, kind: int, params: PyTree, batch: Any) -> Callable[..., Any]:
         if kind not in self._programs:
@@ -118,27 +154,71 @@ class DispatchedStep:
         mid-run; returns the seconds taken."""
         t0 = time.perf_counter()
         for kind in kinds_used(self.tx.config):
+            if self._fuse and kind in (PREDICT_FIRST, PREDICT):
+                continue
             program = self._program(kind, params, batch)
             self._compiled[kind] = program.lower(params, state, batch, *extra).compile()
+        if self._fuse:
+            program = self._phase_program(params, batch)
+            self._compiled[PHASE] = program.lower(params, state, *extra).compile()
         return time.perf_counter() - t0
 
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
+        if self._covered and state is self._last_state:  # a step a fused phase took
+            m, aux = self._covered.popleft()
+            return self._out(params, state, m, aux)
+        self._covered.clear()
         if state is not self._last_state or not self._pending:
             # a state from outside: its kind and the guess after it, read now
-            cfg = self.tx.config
-            now, ahead = jax.device_get((kind_of(cfg, state), kind_after_next(cfg, state)))
+            now, ahead = jax.device_get(self._read(state))
             self._pending = collections.deque([int(ahead)])
             kind = int(now)
         else:
             kind = int(self._pending.popleft())  # made a step ago: ready, or nearly
         self.kind_counts[kind] += 1
+        if self._fuse and kind in (PREDICT_FIRST, PREDICT):
+            return self._run_phase(params, state, batch, *extra)
         program = self._compiled.get(kind) or self._program(kind, params, batch)
         params, state, m, aux, ahead = program(params, state, batch, *extra)
         self._pending.append(ahead)
+        return self._out(params, state, m, aux)
+
+    def _out(self, params: PyTree, state: HybridState, m: Any, aux: Any):
         self._last_state = state
         if self.has_aux:
             return params, state, m, aux
         return params, state, m
+
+    def _phase_program(self, params: PyTree, batch: Any) -> Callable[..., Any]:
+        """The program of a fused Predict phase (see ``hybrid_jax._predicted``)."""
+        if PHASE not in self._programs:
+            tx, cfg = self.tx, self.tx.config
+            aux_shape = jax.eval_shape(self._with_aux, params, batch)[1]
+            prepare, metrics_fn = self._prepare, self._metrics_fn
+
+            def program(params, state, *extra):
+                if prepare is not None:
+                    state = prepare(state, *extra)
+                params, state, rows, taken = tx.predicted_phase(
+                    state, params, length=cfg.max_horizon, metrics_fn=metrics_fn
+                )
+                now, ahead = kind_of(cfg, state), kind_after_next(cfg, state)
+                return params, state, rows, taken, missing(aux_shape), now, ahead
+
+            self._programs[PHASE] = jax.jit(program, donate_argnums=self._donate)
+        return self._programs[PHASE]
+
+    def _run_phase(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
+        """Runs the Predict phase ``state`` is in as one program; returns its first step."""
+        program = self._compiled.get(PHASE) or self._phase_program(params, batch)
+        params, state, rows, taken, aux, now, ahead = program(params, state, *extra)
+        rows, taken, now, ahead = jax.device_get((rows, taken, now, ahead))
+        steps = [jax.tree.map(lambda r, i=i: r[i], rows) for i in range(int(taken))]
+        self._covered = collections.deque((row, aux) for row in steps[1:])
+        self._pending = collections.deque([int(now), int(ahead)])
+        self.kind_counts[PREDICT] += int(taken) - 1
+        self.phases_fused += 1
+        return self._out(params, state, steps[0], aux)
 
 
 def make_dispatched_step(
@@ -148,6 +228,7 @@ def make_dispatched_step(
     has_aux: bool = False,
     donate: bool = True,
     prepare: Callable[..., HybridState] | None = None,
+    fuse_predict: bool = False,
 ) -> DispatchedStep:
     """Like ``make_hybrid_step``, without a ``lax.switch`` around the step: the host picks
     one of four compiled programs (five with ``observe_every > 2``), one per kind of
@@ -160,8 +241,12 @@ def make_dispatched_step(
       donate: donate the params and state buffers.
       prepare: ``prepare(state, *extra) -> state`` run first in every program, on the
         extra arguments of each call (see ``DispatchedStep``).
+      fuse_predict: run each Predict phase as one program, applied on its first call
+        (see ``DispatchedStep``; needs ``monitor_every == 0``).
 
     Returns:
       A ``DispatchedStep``: ``step(params, state, batch) -> (params, state, metrics[, aux])``.
     """
-    return DispatchedStep(loss_fn, tx, has_aux=has_aux, donate=donate, prepare=prepare)
+    return DispatchedStep(
+        loss_fn, tx, has_aux=has_aux, donate=donate, prepare=prepare, fuse_predict=fuse_predict
+    )

@@ -13,7 +13,7 @@ import optax
 
 from . import _bandit, _basis, _encoder, _kinds, _monitor, _phases, _residuals
 from . import _stages as S
-from ._predicted import predicted_update
+from ._predicted import predicted_phase, predicted_update
 from ._predictors import Predictor, PredictorSpec, builtin
 from ._real import real_update
 from ._state import Counters, HybridState, Stats, StepInfo
@@ -32,6 +32,8 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
     - ``real_update(grads, state, params, *, value=None, snapshot_value=None,
       verify=False, observe=True, **extra_args)``: a real step of a given kind;
     - ``predicted_update(state, params, *, first=False, loss=None)``: a predicted step;
+    - ``predicted_phase(state, params, *, length, metrics_fn)``: up to ``length`` steps
+      of a Predict phase as one program (see ``hybrid_jax._predicted``);
     - ``snapshot_loss(loss_fn, state, batch)``: the loss at the Predict phase's snapshot
       when the next step verifies one (NaN otherwise), for ``update``'s
       ``snapshot_value``;
@@ -47,6 +49,7 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
         self.kind = functools.partial(_kinds.kind_of, setup.cfg)
         self.real_update = functools.partial(real_update, setup)
         self.predicted_update = functools.partial(predicted_update, setup)
+        self.predicted_phase = functools.partial(predicted_phase, setup)
         self.snapshot_loss = snapshot_loss
         return self
 
