@@ -16,8 +16,11 @@ With ``fuse_predict=True`` a Predict phase needs no data and runs as one program
 (``hybrid_jax._predicted.predicted_phase``): its first call applies the whole phase
 (up to ``max_horizon`` steps) in one pass over the parameters and the basis, and the
 calls after it, one per step of the phase, return that phase's metrics rows one by one
-without launching anything (their batches are not used). The host reads the phase's
-length then, once per phase.
+without launching anything (their batches are not used). The host learns the phase's
+length without waiting for it: a phase's small state does not depend on the
+parameters, so the program before it already works out (``outlook``) how many steps
+it will take and which kind of step follows, and the host reads that a step late as
+usual.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from ._kinds import (
     KIND_NAMES,
@@ -44,6 +49,7 @@ from ._kinds import (
     step_kinds,
 )
 from ._metrics import metrics
+from ._predicted import MOVING, phase_steps
 from ._state import HybridState
 from ._transform import PredictiveTransformation
 
@@ -53,6 +59,33 @@ PyTree = Any
 PHASE = len(KIND_NAMES)
 
 __all__ = ["KIND_NAMES", "PLAIN", "PREDICT", "PREDICT_FIRST", "REAL", "VERIFY", "DispatchedStep"]
+
+
+def outlook(tx: PredictiveTransformation, state: HybridState) -> jax.Array:
+    """int32[3]: ``kind_after_next(state)``; and where ``state`` wants a predicted step,
+    how many steps its fused phase program will take and the kind of the step after
+    them (else 0 and -1). Exact: the phase's small state does not read the parameters."""
+    cfg = tx.config
+
+    def ahead(s: HybridState) -> jax.Array:
+        moving, _, taken, _ = phase_steps(tx.setup, s, length=cfg.max_horizon)
+        return jnp.stack([taken, kind_of(cfg, s._replace(**moving))])
+
+    kind = kind_of(cfg, state)
+    wants = (kind == PREDICT_FIRST) | (kind == PREDICT)
+    none = lambda s: jnp.asarray([0, -1], jnp.int32)
+    info = jax.lax.cond(wants, ahead, none, state)
+    return jnp.concatenate([kind_after_next(cfg, state)[None], info]).astype(jnp.int32)
+
+
+class _Phase(NamedTuple):
+    """A fused Predict phase the host is stepping through."""
+
+    rows: Any  # its metrics rows, stacked (on the device)
+    served: int  # calls answered so far (the first is the one that ran it)
+    taken: int | None  # its length, once read
+    after: int | None  # the kind of the step after it, once read
+    actual: jax.Array  # what the program found: [taken, kind after], checked later
 
 
 class DispatchedStep:
@@ -65,21 +98,22 @@ class DispatchedStep:
     from the global step: ``step(params, state, batch, t)``); it must leave the
     phase machine, ``pending``, ``step`` and the encoder's step counters as they are
     (they decide the kinds of step). ``metrics_fn(state)`` (default ``hj.metrics``)
-    gives what each call returns as its metrics, computed inside the programs. Each program is
-    compiled once, on first use, or all of them up front by ``compile(params, state,
-    batch)``; ``compiled_kinds`` lists those compiled so far and ``kind_counts`` how
-    often each ran. The host reads one int32
-    per step, a step late, so it never waits for the step it has just launched (but it
-    does wait for the one before: at most two steps are queued on the device); it
-    reads one more, at once, whenever it is given a state it did not return itself
-    (the first call, a restored checkpoint).
+    gives what each call returns as its metrics, computed inside the programs. Each
+    program is compiled once, on first use, or all of them up front by
+    ``compile(params, state, batch)``; ``compiled_kinds`` lists those compiled so far
+    and ``kind_counts`` how often each kind of step ran. The host reads a few int32 per
+    step, a step late, so it never waits for the step it has just launched (but it does
+    wait for the one before: at most two steps are queued on the device); it reads
+    them at once whenever it is given a state it did not return itself (the first
+    call, a restored checkpoint).
 
     ``fuse_predict=True`` runs each Predict phase as one program (see the module): the
     params and state returned by its first call are those after the whole phase, and
     ``steps_ahead`` says by how many of the coming calls (each returns the same params
-    and state and the next step's metrics, as host scalars). Checkpoint or evaluate
-    where ``steps_ahead == 0``. It needs ``config.monitor_every == 0`` (the monitor's
-    forward passes need each step's batch).
+    and state and the next step's metrics). Checkpoint or evaluate where
+    ``steps_ahead == 0``. It needs ``config.monitor_every == 0`` (the monitor's forward
+    passes need each step's batch), and it does not run ``prepare`` (a Predict phase
+    reads no step arguments).
     """
 
     def __init__(
@@ -93,17 +127,7 @@ class DispatchedStep:
         metrics_fn: Callable[[HybridState], Any] = metrics,
         fuse_predict: bool = False,
     ):
-        if not isinstance(tx, PredictiveTransformation):
-            raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
-        if fuse_predict and tx.config.monitor_every > 0:
-            raise ValueError(
-                "fuse_predict=True needs HybridConfig(monitor_every=0): the monitor's "
-                f"forward passes need each step's batch (got monitor_every="
-                f"{tx.config.monitor_every}); pass fuse_predict=False or monitor_every=0"
-            )
-        for name, fn in (("prepare", prepare), ("metrics_fn", metrics_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable; got {type(fn).__name__}")
+        _check_args(tx, prepare, metrics_fn, fuse_predict)
         self.tx = tx
         self._prepare = prepare
         self._metrics_fn = metrics_fn
@@ -116,34 +140,42 @@ class DispatchedStep:
         self._last_state: HybridState | None = None
         self.kind_counts = [0] * len(KIND_NAMES)
         self._fuse = bool(fuse_predict)
-        cfg = tx.config
-        self._read = jax.jit(lambda s: (kind_of(cfg, s), kind_after_next(cfg, s)))
-        self._covered: collections.deque = collections.deque()  # rows of a fused phase
+        self._phase: _Phase | None = None
+        self._check: tuple[jax.Array, int, int] | None = None
         self.phases_fused = 0
-
-    @property
-    def steps_ahead(self) -> int:
-        """Coming calls already applied by a fused Predict phase (0 without one)."""
-        return len(self._covered)
+        cfg = tx.config
+        self._look = (
+            (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s))
+        )
+        self._read = jax.jit(lambda s: (kind_of(cfg, s), self._look(s)))
+        self._row = jax.jit(lambda rows, i: jax.tree.map(lambda r: r[i], rows))
+        self._index = [jnp.asarray(i, jnp.int32) for i in range(cfg.max_horizon)]
 
     @property
     def compiled_kinds(self) -> list[str]:
         names = (*KIND_NAMES, "predict_phase")
         return [names[k] for k in sorted(self._programs)]
 
+    @property
+    def steps_ahead(self) -> int:
+        """Coming calls already applied by a fused Predict phase (0 without one); reading
+        it inside a phase waits for the step before the phase."""
+        if self._phase is None:
+            return 0
+        ph = self._phase_read()
+        return ph.taken - ph.served
+
     def _program(self, kind: int, params: PyTree, batch: Any) -> Callable[..., Any]:
         if kind not in self._programs:
-            tx, cfg = self.tx, self.tx.config
             aux_shape = jax.eval_shape(self._with_aux, params, batch)[1]
-            body = step_kinds(self._with_aux, tx, aux_shape)[kind]
-
-            prepare, metrics_fn = self._prepare, self._metrics_fn
+            body = step_kinds(self._with_aux, self.tx, aux_shape)[kind]
+            prepare, metrics_fn, look = self._prepare, self._metrics_fn, self._look
 
             def program(params, state, batch, *extra):
                 if prepare is not None:
                     state = prepare(state, *extra)
                 params, state, aux = body(params, state, batch)
-                return params, state, metrics_fn(state), aux, kind_after_next(cfg, state)
+                return params, state, metrics_fn(state), aux, look(state)
 
             self._programs[kind] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[kind]
@@ -160,65 +192,115 @@ class DispatchedStep:
             self._compiled[kind] = program.lower(params, state, batch, *extra).compile()
         if self._fuse:
             program = self._phase_program(params, batch)
-            self._compiled[PHASE] = program.lower(params, state, *extra).compile()
+            rest = state._replace(snapshot=None)
+            self._compiled[PHASE] = program.lower(params, state.snapshot, rest).compile()
         return time.perf_counter() - t0
 
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
-        if self._covered and state is self._last_state:  # a step a fused phase took
-            m, aux = self._covered.popleft()
-            return self._out(params, state, m, aux)
-        self._covered.clear()
         if state is not self._last_state or not self._pending:
-            # a state from outside: its kind and the guess after it, read now
-            now, ahead = jax.device_get(self._read(state))
-            self._pending = collections.deque([int(ahead)])
-            kind = int(now)
+            kind = self._restart(state)
+        elif self._phase is not None:
+            ph = self._phase_read()
+            if ph.served < ph.taken:  # a step the fused phase took
+                self._phase = ph._replace(served=ph.served + 1)
+                self.kind_counts[PREDICT] += 1
+                return self._out(params, state, self._row(ph.rows, self._index[ph.served]))
+            kind, self._phase = ph.after, None
         else:
-            kind = int(self._pending.popleft())  # made a step ago: ready, or nearly
+            kind = self._entry()
         self.kind_counts[kind] += 1
         if self._fuse and kind in (PREDICT_FIRST, PREDICT):
-            return self._run_phase(params, state, batch, *extra)
+            return self._run_phase(params, state, batch)
         program = self._compiled.get(kind) or self._program(kind, params, batch)
         params, state, m, aux, ahead = program(params, state, batch, *extra)
         self._pending.append(ahead)
         return self._out(params, state, m, aux)
 
-    def _out(self, params: PyTree, state: HybridState, m: Any, aux: Any):
+    def _restart(self, state: HybridState) -> int:
+        """The kind ``state`` wants, read now, and the entry for the call after it."""
+        now, look = jax.device_get(self._read(state))
+        self._pending = collections.deque([look])
+        self._phase = self._check = None
+        return int(now)
+
+    def _entry(self) -> int:
+        """The kind of this call, made two calls ago (waits for that program)."""
+        kind = int(np.atleast_1d(jax.device_get(self._pending.popleft()))[0])
+        if self._check is not None:  # the fused phase before has run: was it as told?
+            actual, taken, after = self._check
+            self._check = None
+            if tuple(int(x) for x in jax.device_get(actual)) != (taken, after):
+                raise RuntimeError(
+                    "hybrid_jax: a fused Predict phase took a different course than its "
+                    f"outlook said ({jax.device_get(actual)} vs {(taken, after)}); "
+                    "please report this, and use fuse_predict=False meanwhile"
+                )
+        return kind
+
+    def _phase_read(self) -> _Phase:
+        """The running phase with its length and the kind after it (read from the
+        entry the program before it made, which waits for that program only)."""
+        ph = self._phase
+        if ph.taken is None:
+            _, taken, after = (int(x) for x in jax.device_get(self._pending.popleft()))
+            ph = self._phase = ph._replace(taken=taken, after=after)
+            self._check = (ph.actual, taken, after)
+        return ph
+
+    def _out(self, params: PyTree, state: HybridState, m: Any, aux: Any = None):
         self._last_state = state
         if self.has_aux:
-            return params, state, m, aux
+            return params, state, m, self._missing_aux if aux is None else aux
         return params, state, m
 
     def _phase_program(self, params: PyTree, batch: Any) -> Callable[..., Any]:
-        """The program of a fused Predict phase (see ``hybrid_jax._predicted``)."""
-        if PHASE not in self._programs:
-            tx, cfg = self.tx, self.tx.config
-            aux_shape = jax.eval_shape(self._with_aux, params, batch)[1]
-            prepare, metrics_fn = self._prepare, self._metrics_fn
+        """The program of a fused Predict phase (see ``hybrid_jax._predicted``).
 
-            def program(params, state, *extra):
-                if prepare is not None:
-                    state = prepare(state, *extra)
+        A call's host cost grows with the arrays it donates and returns (about 1 ms for
+        a whole ``HybridState`` on an H100 host), so this program takes the state without
+        its snapshot undonated, donates the params and the snapshot, and returns only
+        what a predicted step changes."""
+        if PHASE not in self._programs:
+            tx, cfg, metrics_fn = self.tx, self.tx.config, self._metrics_fn
+            aux_shape = jax.eval_shape(self._with_aux, params, batch)[1]
+            self._missing_aux = missing(aux_shape)
+
+            def program(params, snapshot, rest):
+                state = rest._replace(snapshot=snapshot)
                 params, state, rows, taken = tx.predicted_phase(
-                    state, params, length=cfg.max_horizon, metrics_fn=metrics_fn
+                    state, params, length=cfg.max_horizon, metrics_fn=metrics_fn, unroll=True
                 )
-                now, ahead = kind_of(cfg, state), kind_after_next(cfg, state)
-                return params, state, rows, taken, missing(aux_shape), now, ahead
+                moved = {k: getattr(state, k) for k in MOVING}
+                actual = jnp.stack([taken, kind_of(cfg, state)])
+                return params, state.snapshot, moved, rows, actual, outlook(tx, state)
 
             self._programs[PHASE] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[PHASE]
 
-    def _run_phase(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
-        """Runs the Predict phase ``state`` is in as one program; returns its first step."""
+    def _run_phase(self, params: PyTree, state: HybridState, batch: Any):
+        """Launches the Predict phase ``state`` is in as one program; returns its first step."""
         program = self._compiled.get(PHASE) or self._phase_program(params, batch)
-        params, state, rows, taken, aux, now, ahead = program(params, state, *extra)
-        rows, taken, now, ahead = jax.device_get((rows, taken, now, ahead))
-        steps = [jax.tree.map(lambda r, i=i: r[i], rows) for i in range(int(taken))]
-        self._covered = collections.deque((row, aux) for row in steps[1:])
-        self._pending = collections.deque([int(now), int(ahead)])
-        self.kind_counts[PREDICT] += int(taken) - 1
+        rest = state._replace(snapshot=None)
+        params, snapshot, moved, rows, actual, ahead = program(params, state.snapshot, rest)
+        state = state._replace(**moved, snapshot=snapshot)
+        self._phase = _Phase(rows=rows, served=1, taken=None, after=None, actual=actual)
+        self._pending.append(ahead)
         self.phases_fused += 1
-        return self._out(params, state, steps[0], aux)
+        return self._out(params, state, self._row(rows, self._index[0]), self._missing_aux)
+
+
+def _check_args(tx: Any, prepare: Any, metrics_fn: Any, fuse_predict: bool) -> None:
+    if not isinstance(tx, PredictiveTransformation):
+        raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
+    for name, fn in (("prepare", prepare), ("metrics_fn", metrics_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable; got {type(fn).__name__}")
+    if fuse_predict and tx.config.monitor_every > 0:
+        raise ValueError(
+            "fuse_predict=True needs HybridConfig(monitor_every=0): the monitor's "
+            f"forward passes need each step's batch (got monitor_every="
+            f"{tx.config.monitor_every}); pass fuse_predict=False or monitor_every=0"
+        )
 
 
 def make_dispatched_step(

@@ -49,9 +49,7 @@ def _i32(x: int | jax.Array) -> jax.Array:
 MAX_BACKOFF = 5  # a forced Full phase is at most 2**5 = 32 times full_steps long
 
 
-def make(
-    phase_id: int | jax.Array, budget: int | jax.Array, consecutive=0, rejected=0
-) -> Phase:
+def make(phase_id: int | jax.Array, budget: int | jax.Array, consecutive=0, rejected=0) -> Phase:
     """A phase starting now (distinct buffers, so that a state can be donated)."""
     return Phase(
         id=jnp.full((), phase_id, jnp.int32),

@@ -172,8 +172,8 @@ def guard_nonfinite(params: PyTree, delta: PyTree, idle: jax.Array) -> tuple[PyT
     return jax.tree.unflatten(treedef, safe), jnp.any(jnp.stack(held))
 
 
-# The parts of the state a predicted step changes, apart from the snapshot.
-_MOVING = (
+# The parts of the state a predicted step changes, apart from the snapshot (and the params).
+MOVING = (
     "phase",
     "pending",
     "step",
@@ -188,6 +188,38 @@ _MOVING = (
 )
 
 
+def phase_steps(
+    setup: S.Setup,
+    state: HybridState,
+    *,
+    length: int,
+    metrics_fn: Callable[[HybridState], Any] | None = None,
+    unroll: int | bool = True,
+) -> tuple[dict[str, Any], jax.Array, jax.Array, Any]:
+    """The small state through up to ``length`` steps of the Predict phase ``state`` is
+    in (no parameter is read): ``(moving, total, taken, rows)``, the ``MOVING`` fields
+    after them, their summed coefficients over the frozen basis, how many steps were
+    taken (the phase stops where it ends) and ``metrics_fn`` of each step's state
+    (``None`` without ``metrics_fn``). The steps' held-back check is left to the pass."""
+
+    def body(carry, _):
+        moving, total, taken = carry
+        st = state._replace(**moving)
+        on = st.phase.id == _phases.PREDICT  # the phase goes on
+        is_first = st.phase.step == 0
+        prop = propose(setup, st, first=is_first)
+        new = advance(setup, st, prop, held=jnp.asarray(False), first=is_first, loss=None)
+        moving = S.choose(on, {k: getattr(new, k) for k in MOVING}, moving)
+        total = total + jnp.where(on & ~prop.idle, prop.coefs, 0.0)
+        row = None if metrics_fn is None else metrics_fn(new)
+        return (moving, total, taken + on.astype(jnp.int32)), row
+
+    zero = jnp.zeros((), jnp.int32)
+    start = ({k: getattr(state, k) for k in MOVING}, jnp.zeros_like(state.basis.gram[..., 0]), zero)
+    (moving, total, taken), rows = jax.lax.scan(body, start, None, length=length, unroll=unroll)
+    return moving, total, taken, rows
+
+
 def predicted_phase(
     setup: S.Setup,
     state: HybridState,
@@ -195,9 +227,10 @@ def predicted_phase(
     *,
     length: int,
     metrics_fn: Callable[[HybridState], Any],
+    unroll: int | bool = True,
 ) -> tuple[PyTree, HybridState, Any, jax.Array]:
     """Up to ``length`` predicted steps of the Predict phase ``state`` is in, as one
-    program: the small state steps through them in a ``lax.scan`` (the parameters, the
+    program: the small state steps through them (``phase_steps``: the parameters, the
     basis and the optimizer's state are read, never carried), then one guarded pass
     applies their summed update. It stops where the phase ends.
 
@@ -211,22 +244,10 @@ def predicted_phase(
       ``metrics_fn`` of the state after each step, stacked (``length`` rows, of which
       the first ``taken`` are steps that were taken); ``taken``, int32 in ``1..length``.
     """
-    first = state.phase.step == 0
-    take_snapshot = first & ~(state.pending.veto | state.pending.force_full)
-
-    def body(carry, _):
-        moving, total, taken = carry
-        st = state._replace(**moving)
-        on = st.phase.id == _phases.PREDICT  # the phase goes on
-        is_first = st.phase.step == 0
-        prop = propose(setup, st, first=is_first)
-        new = advance(setup, st, prop, held=jnp.asarray(False), first=is_first, loss=None)
-        moving = S.choose(on, {k: getattr(new, k) for k in _MOVING}, moving)
-        total = total + jnp.where(on & ~prop.idle, prop.coefs, 0.0)
-        return (moving, total, taken + on.astype(jnp.int32)), metrics_fn(new)
-
-    start = ({k: getattr(state, k) for k in _MOVING}, jnp.zeros_like(state.basis.gram[..., 0]), 0)
-    (moving, total, taken), rows = jax.lax.scan(body, start, None, length=length)
+    take_snapshot = (state.phase.step == 0) & ~(state.pending.veto | state.pending.force_full)
+    moving, total, taken, rows = phase_steps(
+        setup, state, length=length, metrics_fn=metrics_fn, unroll=unroll
+    )
     lay = S.layout(setup.cfg, params)
     delta = _basis.combine(state.basis, total, lay.groups, params)
     updates, held = guard_nonfinite(params, delta, jnp.asarray(False))

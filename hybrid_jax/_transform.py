@@ -145,7 +145,7 @@ def init(setup: S.Setup, params: PyTree) -> HybridState:
             arm=i32(-1),
             reward=f32(jnp.nan),
         ),
-        snapshot=params,
+        snapshot=jax.tree.map(jnp.copy, params),  # its own buffers, as under jit
         snapshot_valid=false,
         horizon_scale=f32(1.0),
         residuals=_residuals.init_buffer(RESIDUAL_BUFFER_SIZE, lay.n_groups, size, n_feat),
