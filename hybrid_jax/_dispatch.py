@@ -81,7 +81,7 @@ def outlook(tx: PredictiveTransformation, state: HybridState) -> jax.Array:
 class _Phase(NamedTuple):
     """A fused Predict phase the host is stepping through."""
 
-    rows: Any  # its metrics rows, stacked (on the device)
+    rows: Any  # its metrics rows, stacked (on the device, then fetched to the host)
     served: int  # calls answered so far (the first is the one that ran it)
     taken: int | None  # its length, once read
     after: int | None  # the kind of the step after it, once read
@@ -110,7 +110,7 @@ class DispatchedStep:
     ``fuse_predict=True`` runs each Predict phase as one program (see the module): the
     params and state returned by its first call are those after the whole phase, and
     ``steps_ahead`` says by how many of the coming calls (each returns the same params
-    and state and the next step's metrics). Checkpoint or evaluate where
+    and state and the next step's metrics, as host scalars). Checkpoint or evaluate where
     ``steps_ahead == 0``. It needs ``config.monitor_every == 0`` (the monitor's forward
     passes need each step's batch), and it does not run ``prepare`` (a Predict phase
     reads no step arguments).
@@ -148,8 +148,6 @@ class DispatchedStep:
             (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s))
         )
         self._read = jax.jit(lambda s: (kind_of(cfg, s), self._look(s)))
-        self._row = jax.jit(lambda rows, i: jax.tree.map(lambda r: r[i], rows))
-        self._index = [jnp.asarray(i, jnp.int32) for i in range(cfg.max_horizon)]
 
     @property
     def compiled_kinds(self) -> list[str]:
@@ -202,9 +200,10 @@ class DispatchedStep:
         elif self._phase is not None:
             ph = self._phase_read()
             if ph.served < ph.taken:  # a step the fused phase took
-                self._phase = ph._replace(served=ph.served + 1)
+                rows = jax.device_get(ph.rows)  # on the host after the first such call
+                self._phase = ph._replace(rows=rows, served=ph.served + 1)
                 self.kind_counts[PREDICT] += 1
-                return self._out(params, state, self._row(ph.rows, self._index[ph.served]))
+                return self._out(params, state, jax.tree.map(lambda r: r[ph.served], rows))
             kind, self._phase = ph.after, None
         else:
             kind = self._entry()
@@ -272,7 +271,8 @@ class DispatchedStep:
                 )
                 moved = {k: getattr(state, k) for k in MOVING}
                 actual = jnp.stack([taken, kind_of(cfg, state)])
-                return params, state.snapshot, moved, rows, actual, outlook(tx, state)
+                first = jax.tree.map(lambda r: r[0], rows)
+                return params, state.snapshot, moved, first, rows, actual, outlook(tx, state)
 
             self._programs[PHASE] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[PHASE]
@@ -281,12 +281,14 @@ class DispatchedStep:
         """Launches the Predict phase ``state`` is in as one program; returns its first step."""
         program = self._compiled.get(PHASE) or self._phase_program(params, batch)
         rest = state._replace(snapshot=None)
-        params, snapshot, moved, rows, actual, ahead = program(params, state.snapshot, rest)
+        params, snapshot, moved, first, rows, actual, ahead = program(params, state.snapshot, rest)
         state = state._replace(**moved, snapshot=snapshot)
+        for leaf in jax.tree.leaves(rows):  # the other steps' rows, fetched as they are ready
+            leaf.copy_to_host_async()
         self._phase = _Phase(rows=rows, served=1, taken=None, after=None, actual=actual)
         self._pending.append(ahead)
         self.phases_fused += 1
-        return self._out(params, state, self._row(rows, self._index[0]), self._missing_aux)
+        return self._out(params, state, first, self._missing_aux)
 
 
 def _check_args(tx: Any, prepare: Any, metrics_fn: Any, fuse_predict: bool) -> None:
