@@ -1,4 +1,12 @@
-"""Where a Predict phase's time goes on the device (profile of each way to run it)."""
+"""Where a Predict phase's time goes: host and device, for each way to run it (a GPU).
+
+    python benchmarks/phase_probe.py lm25     # or gpt2, mlp (no device profile on a CPU)
+
+Prints one JSON line per way: a predicted step as its own program, a phase of 6 steps
+as one program (scan, and unrolled), a jitted identity over the whole state (the host's
+cost of a call alone) and the read of the next kinds; wall-clock and device busy time
+per call, device events, and the kernels that take the most time.
+"""
 
 import functools
 import json

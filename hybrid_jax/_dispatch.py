@@ -61,6 +61,32 @@ PHASE = len(KIND_NAMES)
 __all__ = ["KIND_NAMES", "PLAIN", "PREDICT", "PREDICT_FIRST", "REAL", "VERIFY", "DispatchedStep"]
 
 
+def pack_rows(rows: Any) -> jax.Array:
+    """Stacked metrics rows (leaves shaped ``(L, ...)``, 32-bit or bool) as one int32
+    array ``(L, K)``, so that the host fetches them in one transfer."""
+    cols = []
+    for leaf in jax.tree.leaves(rows):
+        flat = leaf.reshape(leaf.shape[0], -1)
+        if jnp.issubdtype(flat.dtype, jnp.floating):
+            flat = jax.lax.bitcast_convert_type(flat.astype(jnp.float32), jnp.int32)
+        cols.append(flat.astype(jnp.int32))
+    return jnp.concatenate(cols, axis=1)
+
+
+def unpack_rows(packed: np.ndarray, like: Any) -> Any:
+    """``pack_rows``'s inverse on the host; ``like`` is one row (for shapes and dtypes)."""
+    leaves, treedef = jax.tree.flatten(like)
+    out, at = [], 0
+    for leaf in leaves:
+        size = int(np.prod(leaf.shape))
+        col = packed[:, at : at + size].reshape(packed.shape[0], *leaf.shape)
+        at += size
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            col = col.view(np.float32)
+        out.append(col.astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
 def outlook(tx: PredictiveTransformation, state: HybridState) -> jax.Array:
     """int32[3]: ``kind_after_next(state)``; and where ``state`` wants a predicted step,
     how many steps its fused phase program will take and the kind of the step after
@@ -200,7 +226,9 @@ class DispatchedStep:
         elif self._phase is not None:
             ph = self._phase_read()
             if ph.served < ph.taken:  # a step the fused phase took
-                rows = jax.device_get(ph.rows)  # on the host after the first such call
+                rows = ph.rows
+                if isinstance(rows, jax.Array):  # the first such call: to the host
+                    rows = unpack_rows(np.asarray(rows), self._first_row)
                 self._phase = ph._replace(rows=rows, served=ph.served + 1)
                 self.kind_counts[PREDICT] += 1
                 return self._out(params, state, jax.tree.map(lambda r: r[ph.served], rows))
@@ -272,7 +300,8 @@ class DispatchedStep:
                 moved = {k: getattr(state, k) for k in MOVING}
                 actual = jnp.stack([taken, kind_of(cfg, state)])
                 first = jax.tree.map(lambda r: r[0], rows)
-                return params, state.snapshot, moved, first, rows, actual, outlook(tx, state)
+                packed = pack_rows(rows)
+                return params, state.snapshot, moved, first, packed, actual, outlook(tx, state)
 
             self._programs[PHASE] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[PHASE]
@@ -283,8 +312,8 @@ class DispatchedStep:
         rest = state._replace(snapshot=None)
         params, snapshot, moved, first, rows, actual, ahead = program(params, state.snapshot, rest)
         state = state._replace(**moved, snapshot=snapshot)
-        for leaf in jax.tree.leaves(rows):  # the other steps' rows, fetched as they are ready
-            leaf.copy_to_host_async()
+        self._first_row = first
+        rows.copy_to_host_async()  # the other steps' rows, in one array, fetched when ready
         self._phase = _Phase(rows=rows, served=1, taken=None, after=None, actual=actual)
         self._pending.append(ahead)
         self.phases_fused += 1
