@@ -56,27 +56,28 @@ def default_span(n: int) -> int:
 
 
 class PhaseShares(NamedTuple):
-    """The share of steps in each phase, per window of the x axis."""
+    """The share of steps in each phase, per window of consecutive steps."""
 
-    edges: np.ndarray  # (W + 1,) window edges on the x axis
+    edges: np.ndarray  # (W + 1,) where the windows start and end on the x axis
     shares: np.ndarray  # (len(PHASE_NAMES), W): share of the window's steps per phase
-    width: float  # window width (steps, or seconds on a time axis)
+    width: int  # steps per window
 
 
 def phase_shares(rows: Sequence[Row], x: np.ndarray, *, by_step: bool) -> PhaseShares | None:
-    """Shares of the phases per window: at most ``MAX_WINDOWS`` windows over the run.
+    """Shares of the phases per window of ``ceil(n / MAX_WINDOWS)`` consecutive steps.
 
-    On a step axis each window holds ``ceil(n / MAX_WINDOWS)`` steps (one step each for a
-    run of up to ``MAX_WINDOWS`` steps: the exact phases); on a time axis the windows
-    are equal spans of time and a window without steps has all shares 0.
+    A run of up to ``MAX_WINDOWS`` steps has windows of one step: the exact phases. On a
+    step axis a window spans its steps; on a time axis it spans from the end of the
+    window before (the first: from its first step) to the end of its last step, so a
+    stall widens the window it happened in.
 
     Args:
       rows: metric rows with ``phase`` (``None`` is returned without).
-      x: the x value of each row (step, or seconds).
+      x: the x value of each row (step, or seconds, non-decreasing).
       by_step: whether ``x`` is the step axis.
 
     Returns:
-      A ``PhaseShares``, or ``None`` where no row has a phase or no ``x`` is finite.
+      A ``PhaseShares``, or ``None`` where no row has both a phase and a finite ``x``.
     """
     if not any("phase" in r for r in rows):
         return None
@@ -85,19 +86,18 @@ def phase_shares(rows: Sequence[Row], x: np.ndarray, *, by_step: bool) -> PhaseS
     if not ok.any():
         return None
     x, phase = x[ok], phase[ok].astype(int)
-    lo, hi = float(x.min()), float(x.max())
-    if by_step:
-        width = float(math.ceil((hi - lo + 1) / MAX_WINDOWS))
-        edges = np.arange(lo - 0.5, hi + 0.5 + width, width)
-    else:
-        width = max(hi - lo, 1e-9) / MAX_WINDOWS
-        edges = lo + width * np.arange(MAX_WINDOWS + 1)
-    index = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
-    counts = np.zeros((len(PHASE_NAMES), len(edges) - 1))
+    width = math.ceil(len(x) / MAX_WINDOWS)
+    index = np.arange(len(x)) // width
+    n_windows = int(index[-1]) + 1
+    counts = np.zeros((len(PHASE_NAMES), n_windows))
     valid = (phase >= 0) & (phase < len(PHASE_NAMES))
     np.add.at(counts, (phase[valid], index[valid]), 1.0)
-    total = counts.sum(axis=0)
-    shares = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    shares = counts / np.maximum(counts.sum(axis=0), 1.0)
+    last = np.minimum(np.arange(1, n_windows + 1) * width, len(x)) - 1
+    if by_step:
+        edges = np.concatenate([[x[0] - 0.5], x[last] + 0.5])
+    else:
+        edges = np.concatenate([[x[0]], x[last]])
     return PhaseShares(edges=edges, shares=shares, width=width)
 
 

@@ -27,7 +27,6 @@ from ._plot_data import (
 from ._rows import Row, column
 
 PHASE_COLORS = ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c")  # warmup, full, predict, correct
-PREDICTED_COLOR = "#ff7f0e"  # the predictor's loss, in the Predict phase's colour
 MAX_MARKERS = 25  # evaluation points drawn with markers, at most
 MAX_DOTS = 600  # predicted losses drawn as dots, at most (else their smoothed curve)
 MAX_PHASE_POINTS = 150  # Predict phases drawn one point each, at most (else per window)
@@ -40,11 +39,14 @@ class ArmStyle(NamedTuple):
     color: str
     line: str  # matplotlib line style
     marker: str
+    predicted: str  # colour of the predictor's loss on predicted steps
 
 
 ARM_STYLES = (
-    ArmStyle(color="#c0392b", line="-", marker="o"),  # the run (e.g. "hybrid"): red, solid
-    ArmStyle(color="#1a5276", line="--", marker="s"),  # the baseline: dark blue, dashed
+    # the run (e.g. "hybrid"): red, solid; its predicted losses in the Predict phase's orange
+    ArmStyle(color="#c0392b", line="-", marker="o", predicted="#ff7f0e"),
+    # the baseline: dark blue, dashed; predicted losses (a hybrid baseline) in purple
+    ArmStyle(color="#1a5276", line="--", marker="s", predicted="#9467bd"),
 )
 
 
@@ -236,10 +238,10 @@ def _draw_predicted(ax: Any, arm: _Arm, x: np.ndarray, *, span: int, log: bool) 
         return
     label = f"{arm.name} predictor's loss (predicted steps)"
     if ok.sum() <= MAX_DOTS:
-        ax.plot(x[ok], pred[ok], ".", color=PREDICTED_COLOR, ms=3, alpha=0.8, label=label)
+        ax.plot(x[ok], pred[ok], ".", color=arm.style.predicted, ms=3, alpha=0.8, label=label)
     else:
         ema = smooth(pred[ok], max(1, span // 3), log=log)
-        ax.plot(x[ok], ema, ":", color=PREDICTED_COLOR, lw=1.5, label=f"{label}, EMA")
+        ax.plot(x[ok], ema, ":", color=arm.style.predicted, lw=1.5, label=f"{label}, EMA")
 
 
 def _phase_strip(strip: Any, rows: Sequence[Row], x: np.ndarray, *, kind: str, patch: Any) -> None:
@@ -261,10 +263,7 @@ def _phase_strip(strip: Any, rows: Sequence[Row], x: np.ndarray, *, kind: str, p
         strip.fill_between(left, bottom, top, facecolor=color, alpha=0.8, lw=0)
         handles.append(patch(facecolor=color, alpha=0.8, label=name))
         bottom = top
-    if kind == "step":
-        width = "step" if shares.width == 1 else f"{shares.width:g} steps"
-    else:
-        width = f"{shares.width:.3g} s" if shares.width >= 0.1 else f"{shares.width * 1e3:.3g} ms"
+    width = "step" if shares.width == 1 else f"{shares.width} steps"
     label = "phases" if width == "step" else f"phases\n(share per\n{width})"
     strip.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     strip.figure.legend(handles=handles, loc="outside right lower", fontsize=8, title="phases")
@@ -335,7 +334,7 @@ def _draw_predict_phases(ax: Any, rows: Sequence[Row]) -> None:
                     lw=1.2 if marker == "x" else 0,
                     label=f"{outcome} ({int(m.sum())})",
                 )
-        ax.legend(fontsize=8, loc="lower right", ncol=3, framealpha=0.9)
+        ax.legend(fontsize=8, loc="best", ncol=3, framealpha=0.9)
     ax.set_ylim(0, int(phases.length.max()) + 0.8)
     ax.yaxis.get_major_locator().set_params(integer=True)
 
