@@ -1,7 +1,7 @@
 """Refreshes what the repository shows without running anything: the notebooks' stored
 outputs, and the example plots of a 200-step and a 20,000-step run.
 
-    python3 notebooks/refresh.py            # both (about 5 minutes on 2 CPU cores)
+    python3 notebooks/refresh.py            # both (about 6 minutes on 2 idle CPU cores)
     python3 notebooks/refresh.py notebooks  # execute every notebook, store its outputs
     python3 notebooks/refresh.py notebooks 04_how_to.ipynb   # only the ones named
     python3 notebooks/refresh.py plots      # notebooks/figures/run_200/, run_20000/
