@@ -1,6 +1,7 @@
 """Metrics export on the host: JSON lines / CSV, a run summary, comparison tables, plots.
 
-The plots live in ``_plots`` (``plot_run`` is re-exported here, as ``hj.report.plot_run``).
+The plots live in ``_plots`` (``plot_run``, ``run_figures`` and ``smooth`` are re-exported
+here, e.g. as ``hj.report.plot_run``).
 
 A *row* is the dict of one step's metrics as host scalars, e.g.
 ``jax.device_get(hj.metrics(state))`` (names in ``hybrid_jax/_metrics.py``), optionally
@@ -21,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from ._phases import PHASE_NAMES
+from ._plot_data import smooth as smooth  # hj.report.smooth
 from ._plots import PHASE_COLORS as PHASE_COLORS  # hj.report.PHASE_COLORS
 from ._plots import plot_run as plot_run  # hj.report.plot_run
+from ._plots import run_figures as run_figures  # hj.report.run_figures
 from ._rows import Row as Row  # hj.report.Row
 from ._rows import phase_name as _phase_name
 from ._rows import to_float as _f
