@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from ._donation import donated_error
 from ._kinds import (
     KIND_NAMES,
     PLAIN,
@@ -123,6 +124,15 @@ class DispatchedStep:
         return time.perf_counter() - t0
 
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
+        try:
+            return self._step(params, state, batch, *extra)
+        except (RuntimeError, ValueError) as e:  # a donated input passed again?
+            err = donated_error("make_dispatched_step", params, state)
+            if err is None:
+                raise
+            raise err from e
+
+    def _step(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
         if state is not self._last_state or not self._pending:
             # a state from outside: its kind and the guess after it, read now
             cfg = self.tx.config
