@@ -1,15 +1,17 @@
 """Non-finite steps in ``hj.train``: a warning, a summary, and a stop.
 
-No step writes a non-finite value into the parameters: a real step whose loss or
+A hybrid never writes a non-finite value into the parameters: a real step whose loss or
 gradient is NaN or Inf is skipped (the counter ``skipped_updates``), and a predicted
 update that is non-finite, or would make a parameter non-finite, is held back
-(``nonfinite_predictions``); ``hj.train``'s step for a plain optax optimizer skips in
-the same way. Skipping keeps the parameters safe but, alone, is silent: with NaN in
-every batch a run would finish with parameters that never changed. ``NonfiniteWatch``
-reads those counters from the metrics rows ``hj.train`` fetches anyway (no extra device
-sync): it warns at the first non-finite step it sees, sums them up in a second warning
-at the end of the run, and raises ``FloatingPointError`` once ``max_steps`` non-finite
-steps came with no applied real step between them.
+(``nonfinite_predictions``). Skipping keeps the parameters safe but, alone, is silent:
+with NaN in every batch a run would finish with parameters that never changed. A plain
+optax optimizer (``hj.train``'s baseline, ``hybrid_jax._plain``) applies a non-finite
+update like optax does, and its parameters stay NaN from then on.
+
+``NonfiniteWatch`` reads the rows ``hj.train`` fetches anyway (no extra device sync):
+the two counters for a hybrid, the loss for a plain optimizer. It warns at the first
+non-finite step, sums them up in a second warning at the end of the run, and raises
+``FloatingPointError`` once ``max_steps`` of them came with no finite real step between.
 
 A predicted step reads no batch (except for the monitor's forward pass every
 ``monitor_every`` predicted steps, where a NaN loss counts as not measured), so a bad
@@ -18,10 +20,11 @@ batch that falls on a predicted step is not seen; the real steps check theirs.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -47,7 +50,15 @@ def check_max_steps(n: int | None) -> None:
 
 
 class NonfiniteWarning(RuntimeWarning):
-    """Steps of ``hj.train`` were not applied because a value was NaN or Inf."""
+    """Steps of ``hj.train`` had a NaN or Inf loss, gradient or predicted update."""
+
+
+SKIPPED, HELD_BACK, APPLIED = "skipped", "held_back", "applied"
+_KINDS = {
+    SKIPPED: "real step{s} skipped: non-finite loss or gradient",
+    HELD_BACK: "non-finite predicted update{s} held back",
+    APPLIED: "step{s} with a non-finite loss, applied by the plain optimizer",
+}
 
 
 @dataclass
@@ -55,97 +66,107 @@ class NonfiniteWatch:
     """Counts the non-finite steps in ``hj.train``'s rows; called with each row.
 
     Attributes:
-      max_steps: non-finite steps in a row (no applied real step between them) that
+      max_steps: non-finite steps in a row (no finite real step between them) that
         raise ``FloatingPointError``; ``None``: never.
-      skipped, held_back: the cumulative counters ``skipped_updates`` and
+      plain: the rows are a plain optax optimizer's (read their loss, not the counters).
+      skipped, held_back: the hybrid's cumulative ``skipped_updates`` and
         ``nonfinite_predictions`` as last seen.
     """
 
     max_steps: int | None
+    plain: bool = False
     skipped: int = 0
     held_back: int = 0
     rows: int = 0
-    n_skipped: int = 0  # this run's totals
-    n_held_back: int = 0
+    total: dict[str, int] = field(default_factory=dict)  # per kind, this run
+    run: dict[str, int] = field(default_factory=dict)  # per kind, since a finite real step
     first: int = -1  # first and last non-finite step (-1: none yet)
     last: int = -1
-    run_skipped: int = 0  # since the last applied real step
-    run_held_back: int = 0
 
     @classmethod
     def starting_at(cls, max_steps: int | None, state: Any) -> NonfiniteWatch:
-        """A watch whose counters start at ``state``'s (zero for a plain optax state)."""
+        """A watch for a run from ``state`` (a ``HybridState``: its counters are read
+        once; anything else: a plain optax state)."""
         if not isinstance(state, HybridState):
-            return cls(max_steps)
+            return cls(max_steps, plain=True)
         c = state.counters
         skipped, held = jax.device_get((c.skipped_updates, c.nonfinite_predictions))
         return cls(max_steps, skipped=int(skipped), held_back=int(held))
 
-    def __call__(self, row: Row) -> None:
-        """Takes one row: warns at the first non-finite step, raises at too many in a row."""
+    def _kind(self, row: Row) -> str | None:
+        """What was not finite at this row's step (``None``: nothing)."""
+        if self.plain:
+            return None if math.isfinite(row["loss"]) else APPLIED
         skipped = row["skipped_updates"] > self.skipped
         held = row["nonfinite_predictions"] > self.held_back
         self.skipped, self.held_back = row["skipped_updates"], row["nonfinite_predictions"]
+        return SKIPPED if skipped else HELD_BACK if held else None
+
+    def __call__(self, row: Row) -> None:
+        """Takes one row: warns at the first non-finite step, raises at too many in a row."""
         self.rows += 1
-        if not (skipped or held):
-            if row["used_gradient"]:  # an applied real step ends a run of bad steps
-                self.run_skipped = self.run_held_back = 0
+        kind = self._kind(row)
+        if kind is None:
+            if row["used_gradient"]:  # a finite real step ends a run of bad steps
+                self.run.clear()
             return
         if self.first < 0:
-            _warn_first(row["step"], skipped)
+            _warn_first(row["step"], kind)
             self.first = row["step"]
         self.last = row["step"]
-        self.n_skipped += int(skipped)
-        self.n_held_back += int(held)
-        self.run_skipped += int(skipped)
-        self.run_held_back += int(held)
-        run = self.run_skipped + self.run_held_back
-        if self.max_steps is not None and run >= self.max_steps:
+        self.total[kind] = self.total.get(kind, 0) + 1
+        self.run[kind] = self.run.get(kind, 0) + 1
+        n = sum(self.run.values())
+        if self.max_steps is not None and n >= self.max_steps:
             raise FloatingPointError(
-                f"hj.train: {run} steps in a row, up to step {row['step']}, were not "
-                f"finite ({_counts(self.run_skipped, self.run_held_back)}) with no applied "
-                f"real step between them. {CHECK}. To go on regardless, pass a larger "
-                "max_nonfinite_steps to hj.train, or None to never stop."
+                f"hj.train: {n} steps in a row, up to step {row['step']}, were not finite "
+                f"({_counts(self.run)}) with no finite real step between them. {CHECK}. "
+                "To go on regardless, pass a larger max_nonfinite_steps to hj.train, or "
+                "None to never stop."
             )
 
     def finish(self) -> None:
         """At the end of the run: a warning summing up its non-finite steps (if more than
         the one already warned about)."""
-        if self.n_skipped + self.n_held_back <= 1:
+        n = sum(self.total.values())
+        if n <= 1:
             return
         warnings.warn(
-            f"hj.train: {self.n_skipped + self.n_held_back} of the {self.rows} steps of this "
-            f"run were not applied ({_counts(self.n_skipped, self.n_held_back)}); the first "
-            f"at step {self.first}, the last at step {self.last}. {CHECK}.",
+            f"hj.train: {n} of the {self.rows} steps of this run were not finite "
+            f"({_counts(self.total)}); the first at step {self.first}, the last at step "
+            f"{self.last}. {CHECK}.",
             NonfiniteWarning,
             stacklevel=_user_level(),
         )
 
 
-def _counts(skipped: int, held_back: int) -> str:
-    s = lambda n: "" if n == 1 else "s"
-    parts = []
-    if skipped:
-        parts.append(f"{skipped} real step{s(skipped)} skipped: non-finite loss or gradient")
-    if held_back:
-        parts.append(f"{held_back} non-finite predicted update{s(held_back)} held back")
-    return "; ".join(parts)
+def _counts(tally: dict[str, int]) -> str:
+    return "; ".join(
+        f"{n} " + _KINDS[k].format(s="" if n == 1 else "s") for k, n in tally.items() if n
+    )
 
 
-def _warn_first(step: int, skipped: bool) -> None:
-    if skipped:
-        msg = (
-            f"hj.train: step {step}: the loss or gradient was not finite (NaN or Inf), so "
-            f"its update was skipped and the parameters kept. {CHECK}."
+def _warn_first(step: int, kind: str) -> None:
+    if kind == SKIPPED:
+        what = (
+            "the loss or gradient was not finite (NaN or Inf), so its update was skipped "
+            f"and the parameters kept. {CHECK}"
+        )
+    elif kind == HELD_BACK:
+        what = (
+            "the predicted update was not finite, or would have made a parameter "
+            f"non-finite, so it was held back and real steps follow. {CHECK_PREDICTED}"
         )
     else:
-        msg = (
-            f"hj.train: step {step}: the predicted update was not finite, or would have "
-            f"made a parameter non-finite, so it was held back and real steps follow. "
-            f"{CHECK_PREDICTED}."
+        what = (
+            "the loss was not finite (NaN or Inf); a plain optax optimizer applies its "
+            "update regardless, so the parameters are probably no longer finite "
+            f"(hj.predictive skips such steps). {CHECK}"
         )
     later = " Later ones are summed up at the end of the run."
-    warnings.warn(msg + later, NonfiniteWarning, stacklevel=_user_level())
+    warnings.warn(
+        f"hj.train: step {step}: {what}.{later}", NonfiniteWarning, stacklevel=_user_level()
+    )
 
 
 def _user_level() -> int:

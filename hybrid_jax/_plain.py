@@ -1,9 +1,13 @@
 """The step ``hj.train`` takes with a plain optax optimizer (the baseline).
 
-``value_and_grad`` and the optimizer's update, with the hybrid's metrics names, and the
-hybrid's rule for non-finite values: a step whose loss or gradient is NaN or Inf leaves
-the parameters and the optimizer state as they were and counts a skipped update (a bare
-optax step would write the NaN into the parameters).
+``value_and_grad``, the optimizer's update and ``apply_updates``, exactly as optax does
+them, with the metrics in the hybrid's names. Like a bare optax step it applies a
+non-finite update. Guarding it on the device (checking every gradient and keeping the
+old params and state) made this step 1.9x slower on the CPU and 1.3x on an H100 for the
+digits MLP (``benchmarks/plain_guard.py``), which would tilt every comparison with the
+hybrid. ``hj.train`` reads the loss of every step on the host instead
+(``hybrid_jax._nonfinite``): it warns at the first non-finite one and stops the run
+after ``max_nonfinite_steps`` of them in a row.
 """
 
 from __future__ import annotations
@@ -20,17 +24,16 @@ from ._metrics import METRIC_NAMES
 from ._phases import FULL
 
 PyTree = Any
-Carry = tuple[Any, jax.Array, jax.Array]  # (optax state, int32 step, int32 skipped so far)
+Carry = tuple[Any, jax.Array]  # (optax state, int32 step)
 
 
 def init_carry(state: Any, start: int) -> Carry:
     """The carry of a run that starts at step ``start`` from the optax state ``state``."""
-    return state, jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32)
+    return state, jnp.asarray(start, jnp.int32)
 
 
-def plain_metrics(step: jax.Array, loss: jax.Array, skipped: jax.Array) -> dict[str, jax.Array]:
-    """The metrics of a plain optax step, in the hybrid's names (``skipped``: the steps
-    not applied so far)."""
+def plain_metrics(step: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
+    """The metrics of a plain optax step, in the hybrid's names."""
     n = step + 1
     nan = jnp.full((), jnp.nan, jnp.float32)
     zero = jnp.zeros((), jnp.int32)
@@ -52,7 +55,7 @@ def plain_metrics(step: jax.Array, loss: jax.Array, skipped: jax.Array) -> dict[
         "accuracy": nan,
         "nonfinite_predictions": zero,
         "rollbacks": zero,
-        "skipped_updates": skipped,
+        "skipped_updates": zero,
         "idle_steps": zero,
         "divergence_events": zero,
         "horizon_scale": jnp.ones((), jnp.float32),
@@ -74,19 +77,13 @@ def plain_step(
     Returns:
       The step (not jitted); ``carry`` starts as ``init_carry(tx.init(params), 0)``.
     """
-    with_aux = loss_with_aux(loss_fn, False)
+    with_aux = loss_with_aux(loss_fn, False)  # its errors name has_aux
 
     def step(params: PyTree, carry: Carry, batch: Any):
-        state, i, skipped = carry
+        state, i = carry
         (loss, _), grads = jax.value_and_grad(with_aux, has_aux=True)(params, batch)
-        updates, new_state = tx.update(grads, state, params)
-        finite = jnp.isfinite(loss)
-        for g in jax.tree.leaves(grads):
-            finite &= jnp.all(jnp.isfinite(g))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        params = keep(optax.apply_updates(params, updates), params)
-        skipped = skipped + (~finite).astype(jnp.int32)
-        carry = (keep(new_state, state), i + 1, skipped)
-        return params, carry, plain_metrics(i, loss, skipped)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        return params, (state, i + 1), plain_metrics(i, loss)
 
     return step

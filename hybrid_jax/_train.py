@@ -102,10 +102,10 @@ def make_train_step(
 
     For an ``hj.predictive`` transformation it is ``make_dispatched_step``'s programs
     (``stepping="dispatched"``) or ``hybrid_step`` (``"cond"``) and ``carry`` is the
-    ``HybridState``; for any other optax optimizer it is the plain step of
-    ``hybrid_jax._plain`` (the baseline, which skips non-finite steps as the hybrid
-    does) and ``carry`` is ``init_carry(optax state, start)``. Params and carry are
-    donated. With ``has_aux``, ``loss_fn`` returns ``(loss, aux)`` and ``aux`` is dropped.
+    ``HybridState``; for any other optax optimizer it is the plain optax step of
+    ``hybrid_jax._plain`` (the baseline) and ``carry`` is ``init_carry(optax state,
+    start)``. Params and carry are donated. With ``has_aux``, ``loss_fn`` returns
+    ``(loss, aux)`` and ``aux`` is dropped.
     """
     if stepping not in STEPPINGS:
         raise ValueError(f"train: stepping must be one of {STEPPINGS}; got {stepping!r}")
@@ -184,12 +184,13 @@ def train(
         (``make_hybrid_step``: one ``lax.switch`` on the device). Both take the same
         steps and reach the same parameters.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is not used.
-      max_nonfinite_steps: a step whose loss or gradient is NaN or Inf is skipped (its
-        update is not applied) and a non-finite predicted update is held back; the first
-        such step and, at the end, their count are reported by an ``hj.NonfiniteWarning``.
-        After this many of them in a row (with no applied real step between them), seen
-        at a fetch of the metrics, the run stops with a ``FloatingPointError`` naming the
-        step. ``None``: never stop.
+      max_nonfinite_steps: a hybrid skips a step whose loss or gradient is NaN or Inf
+        (its update is not applied) and holds back a non-finite predicted update; a
+        plain optax optimizer applies whatever its loss gives. The first non-finite step
+        and, at the end, their count are reported by an ``hj.NonfiniteWarning``. After
+        this many of them in a row (no finite real step between them), seen at a fetch
+        of the metrics, the run stops with a ``FloatingPointError`` naming the step.
+        ``None``: never stop.
 
     Returns:
       A ``TrainResult``.
