@@ -90,8 +90,9 @@ class NonfiniteWatch:
         if not isinstance(state, HybridState):
             return cls(max_steps, plain=True)
         c = state.counters
-        skipped, held = jax.device_get((c.skipped_updates, c.nonfinite_predictions))
-        return cls(max_steps, skipped=int(skipped), held_back=int(held))
+        return cls(
+            max_steps, skipped=_int(c.skipped_updates), held_back=_int(c.nonfinite_predictions)
+        )
 
     def _kind(self, row: Row) -> str | None:
         """What was not finite at this row's step (``None``: nothing)."""
@@ -138,6 +139,12 @@ class NonfiniteWatch:
             NonfiniteWarning,
             stacklevel=_user_level(),
         )
+
+
+def _int(x: Any) -> int:
+    """A replicated scalar on the host (one local copy: multi-host arrays work too)."""
+    local = x.addressable_data(0) if isinstance(x, jax.Array) else x
+    return int(jax.device_get(local))
 
 
 def _counts(tally: dict[str, int]) -> str:

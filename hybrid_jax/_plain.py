@@ -27,11 +27,6 @@ PyTree = Any
 Carry = tuple[Any, jax.Array]  # (optax state, int32 step)
 
 
-def init_carry(state: Any, start: int) -> Carry:
-    """The carry of a run that starts at step ``start`` from the optax state ``state``."""
-    return state, jnp.asarray(start, jnp.int32)
-
-
 def plain_metrics(step: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
     """The metrics of a plain optax step, in the hybrid's names."""
     n = step + 1
@@ -75,7 +70,7 @@ def plain_step(
       tx: any optax optimizer.
 
     Returns:
-      The step (not jitted); ``carry`` starts as ``init_carry(tx.init(params), 0)``.
+      The step (not jitted); ``carry`` starts as ``(tx.init(params), int32 0)``.
     """
     with_aux = loss_with_aux(loss_fn, False)  # its errors name has_aux
 

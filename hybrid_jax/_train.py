@@ -27,7 +27,7 @@ from ._kinds import loss_with_aux
 from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
 from ._nonfinite import NonfiniteWatch, check_max_steps
-from ._plain import init_carry, plain_step
+from ._plain import plain_step
 from ._progress import progress_bar
 from ._step import hybrid_step
 from ._transform import PredictiveTransformation
@@ -103,9 +103,9 @@ def make_train_step(
     For an ``hj.predictive`` transformation it is ``make_dispatched_step``'s programs
     (``stepping="dispatched"``) or ``hybrid_step`` (``"cond"``) and ``carry`` is the
     ``HybridState``; for any other optax optimizer it is the plain optax step of
-    ``hybrid_jax._plain`` (the baseline) and ``carry`` is ``init_carry(optax state,
-    start)``. Params and carry are donated. With ``has_aux``, ``loss_fn`` returns
-    ``(loss, aux)`` and ``aux`` is dropped.
+    ``hybrid_jax._plain`` (the baseline) and ``carry`` is ``(optax state, int32 step)``.
+    Params and carry are donated. With ``has_aux``, ``loss_fn`` returns ``(loss, aux)``
+    and ``aux`` is dropped.
     """
     if stepping not in STEPPINGS:
         raise ValueError(f"train: stepping must be one of {STEPPINGS}; got {stepping!r}")
@@ -290,7 +290,7 @@ def _step_loop(
     evaluation. Evaluations go into ``result``; checkpoints are saved on a memory
     emergency, every ``checkpointer.every`` steps and after the last step.
     """
-    carry = init_carry(state, start) if plain else state
+    carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
     pending: _Pending = []
     emergency = False
     t0 = time.perf_counter()
