@@ -21,6 +21,7 @@ from ._checkpoint import Checkpointer
 from ._dispatch import make_dispatched_step
 from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
+from ._nonfinite import NonfiniteWarning
 from ._phases import CORRECT, FULL, PREDICT, WARMUP
 from ._phases import PHASE_NAMES as PHASE_NAMES
 from ._predictors import (
@@ -53,6 +54,7 @@ __all__ = [
     "HybridState",
     "MemoryMonitor",
     "MonitorSettings",
+    "NonfiniteWarning",
     "Observation",
     "PredictContext",
     "Prediction",

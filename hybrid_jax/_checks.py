@@ -38,32 +38,61 @@ def unit(where: str, name: str, value: float, closed_top: bool = False) -> None:
     require(where, name, value, ok, f"must be in {interval}")
 
 
-_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_KINDS = {int: "an int", float: "a float", str: "a str", bool: "a bool (True or False)"}
+
+
+def got(value: Any) -> str:
+    """``value`` and its type, as error messages show them: ``2.5 (float)``."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def wrong_type(where: str, name: str, value: Any, expected: str, fix: str = "") -> None:
+    """Raises the ``ValueError`` for a field of the wrong type."""
+    raise ValueError(f"{where}.{name} must be {expected}; got {got(value)}{fix}")
 
 
 def check_type(where: str, name: str, value: Any, hint: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` fits the field's annotation ``hint``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        require(where, name, value, value in args, f"must be one of {list(args)}")
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_ = f"; did you mean {close[0]!r}?" if close else ""
+            wrong_type(where, name, value, f"one of {list(args)}", hint_)
         return
+    optional = False
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return
+        optional = type(None) in args
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
     if origin is tuple:
         ok = isinstance(value, tuple) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in value
         )
-        require(where, name, value, ok, "must be a tuple of integers")
+        if not ok:
+            wrong_type(where, name, value, "a tuple of ints")
         return
     if isinstance(hint, type) and hasattr(hint, "validate"):  # a settings group
-        require(where, name, value, isinstance(value, hint), f"must be a hj.{hint.__name__}")
+        if not isinstance(value, hint):
+            _wrong_group(where, name, value, hint, optional)
         return
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return  # ints are fine where floats are expected
     if (isinstance(value, bool) and hint is not bool) or not isinstance(value, hint):
-        require(where, name, value, False, f"must be {_KINDS[hint]}")
+        wrong_type(where, name, value, _KINDS[hint])
+
+
+def _wrong_group(where: str, name: str, value: Any, group: type, optional: bool) -> None:
+    expected = f"an hj.{group.__name__}" + (" or None (off)" if optional else "")
+    fix = ""
+    if isinstance(value, dict):
+        fix = (
+            f"; build it with hj.{group.__name__}(...), or read a whole config from "
+            "nested dicts with hj.HybridConfig.from_dict"
+        )
+    wrong_type(where, name, value, expected, fix)
 
 
 def plain(x: Any) -> Any:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._donation import donated_error
 from ._kinds import (
     KIND_NAMES,
     PLAIN,
@@ -221,6 +222,15 @@ class DispatchedStep:
         return time.perf_counter() - t0
 
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
+        try:
+            return self._step(params, state, batch, *extra)
+        except (RuntimeError, ValueError) as e:  # a donated input passed again?
+            err = donated_error("make_dispatched_step", params, state)
+            if err is None:
+                raise
+            raise err from e
+
+    def _step(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
         if state is not self._last_state or not self._pending:
             kind = self._restart(state)
         elif self._phase is not None:

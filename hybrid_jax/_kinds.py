@@ -99,7 +99,9 @@ def loss_with_aux(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., A
         if has_aux:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError(
-                    f"loss_fn must return (loss, aux) when has_aux=True; got {type(out).__name__}"
+                    f"loss_fn must return (loss, aux) when has_aux=True; it returned "
+                    f"{describe(out)}. If it returns only the loss, pass has_aux=False "
+                    "(the default)"
                 )
             loss, aux = out
         else:
@@ -109,12 +111,35 @@ def loss_with_aux(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., A
                     "pass has_aux=True"
                 )
             loss, aux = out, None
-        loss = jnp.asarray(loss)
-        if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
-            raise TypeError(f"loss_fn must return a float scalar; got {loss.dtype}{loss.shape}")
-        return loss, aux
+        return check_loss(loss, "loss_fn must return"), aux
 
     return with_aux
+
+
+def describe(x: Any) -> str:
+    """What a loss function returned, for error messages: ``float32[4]``, ``a tuple of 3``."""
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)}"
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"{x.dtype}{list(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def check_loss(loss: Any, what: str) -> jax.Array:
+    """``loss`` as an array, or a ``TypeError`` (``what`` begins it) unless it is a float
+    scalar."""
+    if isinstance(loss, (tuple, list)):
+        raise TypeError(
+            f"{what} the loss, a float scalar; got {describe(loss)}: if loss_fn returns "
+            "(loss, aux), pass its first element"
+        )
+    arr = jnp.asarray(loss)
+    if arr.shape != () or not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"{what} a float scalar; got {describe(arr)}: reduce a per-example loss to one "
+            "number (e.g. jnp.mean), and compute it in a float dtype"
+        )
+    return arr
 
 
 def missing(shape: Any) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from ._donation import DonatingStep
 from ._kinds import loss_with_aux, step_kinds, switch
 from ._metrics import metrics
 from ._state import HybridState
@@ -74,7 +75,8 @@ def make_hybrid_step(
       tx: a transformation from ``hj.predictive``.
       has_aux: see ``hybrid_step``.
       donate: donate the params and state buffers (the default; the caller must not
-        reuse the arrays it passed in).
+        reuse the arrays it passed in: passing one again raises a ``RuntimeError``
+        that says so).
 
     Returns:
       ``step(params, state, batch) -> (params, state, metrics[, aux])``.
@@ -87,4 +89,5 @@ def make_hybrid_step(
     if not isinstance(tx, PredictiveTransformation):
         raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
     fn = functools.partial(hybrid_step, loss_fn, tx, has_aux=has_aux)
-    return jax.jit(fn, donate_argnums=(0, 1) if donate else ())
+    jitted = jax.jit(fn, donate_argnums=(0, 1) if donate else ())
+    return DonatingStep(jitted, "make_hybrid_step")

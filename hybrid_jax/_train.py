@@ -22,9 +22,12 @@ import optax
 
 from ._checkpoint import Checkpointer
 from ._dispatch import DispatchedStep
+from ._donation import TRAIN_FIX, donated_error
+from ._kinds import loss_with_aux
 from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
-from ._phases import FULL
+from ._nonfinite import NonfiniteWatch, check_max_steps
+from ._plain import plain_step
 from ._progress import progress_bar
 from ._step import hybrid_step
 from ._transform import PredictiveTransformation
@@ -61,39 +64,6 @@ class TrainResult:
     compile_seconds: float = 0.0
 
 
-def _plain_metrics(step: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
-    """The metrics of a plain optax step, in the hybrid's names."""
-    n = step + 1
-    nan = jnp.full((), jnp.nan, jnp.float32)
-    zero = jnp.zeros((), jnp.int32)
-    values = {
-        "step": step,
-        "phase": jnp.full((), FULL, jnp.int32),
-        "used_gradient": jnp.asarray(True),
-        "loss": loss.astype(jnp.float32),
-        "predicted_loss": nan,
-        "confidence": jnp.zeros((), jnp.float32),
-        "horizon": zero,
-        "verified": jnp.asarray(False),
-        "rolled_back": jnp.asarray(False),
-        "divergence_level": zero,
-        "backward_passes": n,
-        "forward_passes": n,
-        "predicted_steps": zero,
-        "update_norm": nan,
-        "accuracy": nan,
-        "nonfinite_predictions": zero,
-        "rollbacks": zero,
-        "skipped_updates": zero,
-        "idle_steps": zero,
-        "divergence_events": zero,
-        "horizon_scale": jnp.ones((), jnp.float32),
-        "bandit_arm": jnp.full((), -1, jnp.int32),
-        "reward": nan,
-    }
-    return {k: values[k] for k in METRIC_NAMES}
-
-
 def _pack(m: dict[str, jax.Array]) -> jax.Array:
     return jnp.stack([jnp.asarray(m[k], jnp.float32) for k in METRIC_NAMES])
 
@@ -122,18 +92,26 @@ STEPPINGS = ("dispatched", "cond")
 
 
 def make_train_step(
-    loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *, stepping: str = "dispatched"
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    stepping: str = "dispatched",
+    has_aux: bool = False,
 ) -> Callable[..., tuple[PyTree, Any, jax.Array]]:
     """A jitted step ``(params, carry, batch) -> (params, carry, packed metrics)``.
 
     For an ``hj.predictive`` transformation it is ``make_dispatched_step``'s programs
     (``stepping="dispatched"``) or ``hybrid_step`` (``"cond"``) and ``carry`` is the
-    ``HybridState``; for any other optax optimizer it is the plain ``value_and_grad`` +
-    update step (the baseline) and ``carry`` is ``(optax state, int32 step)``. Params
-    and carry are donated.
+    ``HybridState``; for any other optax optimizer it is the plain optax step of
+    ``hybrid_jax._plain`` (the baseline) and ``carry`` is ``(optax state, int32 step)``.
+    Params and carry are donated. With ``has_aux``, ``loss_fn`` returns ``(loss, aux)``
+    and ``aux`` is dropped.
     """
     if stepping not in STEPPINGS:
         raise ValueError(f"train: stepping must be one of {STEPPINGS}; got {stepping!r}")
+    if has_aux:
+        with_aux = loss_with_aux(loss_fn, True)
+        loss_fn = lambda p, b: with_aux(p, b)[0]
     if isinstance(tx, PredictiveTransformation) and stepping == "dispatched":
         chosen = DispatchedStep(loss_fn, tx, metrics_fn=lambda s: _pack(metrics(s)))
 
@@ -150,13 +128,11 @@ def make_train_step(
             return params, state, _pack(m)
 
     else:
+        plain = plain_step(loss_fn, tx)
 
         def step(params, carry, batch):
-            state, i = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-            updates, state = tx.update(grads, state, params)
-            m = _plain_metrics(i, loss)
-            return optax.apply_updates(params, updates), (state, i + 1), _pack(m)
+            params, carry, m = plain(params, carry, batch)
+            return params, carry, _pack(m)
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -179,6 +155,8 @@ def train(
     progress: bool = True,
     desc: str = "train",
     stepping: str = "dispatched",
+    has_aux: bool = False,
+    max_nonfinite_steps: int | None = 100,
 ) -> TrainResult:
     """Trains for ``steps`` steps with ``tx`` (a hybrid or a plain optax optimizer).
 
@@ -205,19 +183,32 @@ def train(
         as a plain optax step on the CPU and faster on a GPU) or ``"cond"``
         (``make_hybrid_step``: one ``lax.switch`` on the device). Both take the same
         steps and reach the same parameters.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is not used.
+      max_nonfinite_steps: a hybrid skips a step whose loss or gradient is NaN or Inf
+        (its update is not applied) and holds back a non-finite predicted update; a
+        plain optax optimizer applies whatever its loss gives. The first non-finite step
+        and, at the end, their count are reported by an ``hj.NonfiniteWarning``. After
+        this many of them in a row (no finite real step between them), seen at a fetch
+        of the metrics, the run stops with a ``FloatingPointError`` naming the step.
+        ``None``: never stop.
 
     Returns:
       A ``TrainResult``.
     """
     _check_args(steps=steps, sync_every=sync_every, eval_every=eval_every)
+    check_max_steps(max_nonfinite_steps)
+    if (err := donated_error("hj.train", params, state, fix=TRAIN_FIX)) is not None:
+        raise err
     start, params, state = _start(tx, params, state, checkpointer=checkpointer, resume=resume)
     result = TrainResult(params, state, start_step=start)
     if start >= steps:
         return result
 
-    step_fn = make_train_step(loss_fn, tx, stepping=stepping)
+    step_fn = make_train_step(loss_fn, tx, stepping=stepping, has_aux=has_aux)
     batches = data(start)
     bar = progress_bar(progress, steps, start, desc)
+    watch = NonfiniteWatch.starting_at(max_nonfinite_steps, state)
+    callbacks = (*callbacks, watch)
     flush = functools.partial(_flush, result=result, callbacks=callbacks, memory=memory, bar=bar)
     params, state = _step_loop(
         step_fn,
@@ -235,6 +226,7 @@ def train(
         result=result,
     )
     bar(None, 0)
+    watch.finish()
     result.params, result.state = params, state
     result.memory = memory.summary() if memory is not None else None
     return result

@@ -105,7 +105,7 @@ def predictive(
         )
     pred = builtin(cfg) if predictor is None else predictor
     if not isinstance(pred, Predictor):
-        raise TypeError(f"predictor must be a hj.Predictor; got {type(pred).__name__}")
+        raise TypeError(f"predictor must be an hj.Predictor; got {type(pred).__name__}")
     setup = S.Setup(cfg, optax.with_extra_args_support(inner), pred, cfg.monitor)
     warned: list[bool] = []
     return PredictiveTransformation(
@@ -174,6 +174,10 @@ def update(
     """The optax ``update``: the kind of step ``state`` wants (``lax.switch``)."""
     if params is None:
         raise ValueError("hj.predictive: update needs params")
+    if value is not None:
+        value = _kinds.check_loss(value, "hj.predictive: tx.update's value must be")
+    if snapshot_value is not None:
+        snapshot_value = _kinds.check_loss(snapshot_value, "hj.predictive: snapshot_value must be")
     can_verify = snapshot_value is not None and value is not None
     if not can_verify and not warned:
         warned.append(True)
