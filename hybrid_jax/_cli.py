@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -139,16 +140,26 @@ def _check(args: argparse.Namespace) -> None:
 
 
 class _Interrupt:
-    """Ctrl-C (SIGINT) asks the job to stop after the current step; a second one stops
-    at once. A context manager that installs the handler (main thread only)."""
+    """Ctrl-C (SIGINT) asks the job to stop after the current step; a second one ends
+    the process at once (exit 130, after ``message``), without unwinding through
+    compilation or a checkpoint being written. A context manager that installs the
+    handler (main thread only).
 
-    def __init__(self) -> None:
+    Args:
+      message: the line printed on a second Ctrl-C.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
         self.requested = False
         self._previous: Any = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            print(f"\n{self.message}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         self.requested = True
 
     def __enter__(self) -> _Interrupt:
@@ -206,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     _quiet_logs()
-    with _Interrupt() as interrupt:
+    again = (
+        f"{PROG}: interrupted again: stopped at once, without a checkpoint of the last "
+        f"steps; to continue from the last checkpoint: {_resume_command(argv)}"
+    )
+    with _Interrupt(again) as interrupt:
         try:
             _check(args)
             if args.print_config:
@@ -219,13 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, ImportError) as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(
-                f"{PROG}: interrupted again, without a checkpoint of the last steps; "
-                f"to continue from the last checkpoint: {_resume_command(argv)}",
-                file=sys.stderr,
-            )
-            return 130
     if outcome.stopped is not None:
         arm, step, where = outcome.stopped
         print(

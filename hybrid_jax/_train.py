@@ -210,38 +210,29 @@ def train(
       progress: show a progress bar (tqdm when installed, else a line per fetch).
       desc: label of the progress bar.
       stepping: how a hybrid steps: ``"dispatched"`` (``make_dispatched_step``: one
-        program per kind of step, chosen on the host a step ahead; the default, as fast
-        as a plain optax step on the CPU and faster on a GPU) or ``"cond"``
-        (``make_hybrid_step``: one ``lax.switch`` on the device). Both take the same
-        steps and reach the same parameters.
-      stop: called after each step; when it returns ``True`` (e.g. a Ctrl-C handler
-        set a flag) the run fetches its metrics, checkpoints and returns early with
-        ``stopped=True``.
+        program per kind of step, chosen on the host a step ahead; as fast as a plain
+        optax step on the CPU, faster on a GPU) or ``"cond"`` (``make_hybrid_step``: one
+        ``lax.switch`` on the device). Both take the same steps to the same parameters.
+      stop: called after each step; ``True`` (e.g. a Ctrl-C handler's flag) makes the
+        run fetch its metrics, checkpoint and return with ``stopped=True``.
 
     Returns:
       A ``TrainResult``.
     """
     _check_args(steps=steps, sync_every=sync_every, eval_every=eval_every)
-    start, params, state, extra = _start(
+    result, clock = _start(
         tx, params, state, checkpointer=checkpointer, resume=resume, desc=desc, steps=steps
     )
-    result = TrainResult(params, state, start_step=start)
-    result.compile_seconds = float(extra.get("compile_seconds", 0.0))
+    start = result.start_step
     if start >= steps:
         return result
-
-    step_fn = make_train_step(loss_fn, tx, stepping=stepping)
-    batches = data(start)
     plain = not isinstance(tx, PredictiveTransformation)
     bar = progress_bar(progress, steps, start, desc, plain=plain)
     flush = functools.partial(_flush, result=result, callbacks=callbacks, memory=memory, bar=bar)
-    params, state = _step_loop(
-        step_fn,
-        params,
-        state,
-        batches,
+    _step_loop(
+        make_train_step(loss_fn, tx, stepping=stepping),
+        data(start),
         plain=plain,
-        start=start,
         steps=steps,
         sync_every=sync_every,
         eval_fn=eval_fn,
@@ -249,11 +240,10 @@ def train(
         checkpointer=checkpointer,
         flush=flush,
         result=result,
-        clock=TrainingClock(extra.get("time", 0.0)),
+        clock=clock,
         stop=stop,
     )
     bar(None, 0)
-    result.params, result.state = params, state
     result.memory = memory.summary() if memory is not None else None
     return result
 
@@ -277,43 +267,43 @@ def _start(
     resume: bool,
     desc: str,
     steps: int,
-) -> tuple[int, PyTree, Any, dict[str, Any]]:
-    """The first step to run, the params and optimizer state it starts from, and the
-    checkpoint's extra dict (empty when starting afresh).
+) -> tuple[TrainResult, TrainingClock]:
+    """Where the run starts: a ``TrainResult`` holding the first step to run and the
+    params and optimizer state it starts from, and the training clock.
 
     ``state`` defaults to ``tx.init(params)``. With ``resume`` (which needs a
-    checkpointer), the latest good checkpoint, if any, replaces both: checkpoint N holds
-    the state after N steps, so the run goes on at step N. What was found is logged
-    (logger ``"hybrid_jax"``, level INFO).
+    checkpointer), the latest good checkpoint, if any, replaces both (checkpoint N holds
+    the state after N steps, so the run goes on at step N), and the clock and compile
+    seconds go on from it. What was found is logged (logger ``"hybrid_jax"``, INFO).
     """
     if resume and checkpointer is None:
         raise ValueError("train: resume=True needs a checkpointer")
     state = jax.jit(tx.init)(params) if state is None else state
     if not resume:
-        return 0, params, state, {}
+        return TrainResult(params, state), TrainingClock()
     found = checkpointer.all_steps()
     restored = checkpointer.restore(params, state)
     where = checkpointer.directory
     if restored is None:
         what = "no readable checkpoint" if found else "no checkpoint"
         log.info("%s: %s in %s, starting at step 0", desc, what, where)
-        return 0, params, state, {}
+        return TrainResult(params, state), TrainingClock()
     start, params, state, extra = restored
     if start >= steps:
         log.info("%s: the checkpoint in %s is at step %d: done", desc, where, start)
     else:
         log.info("%s: resuming at step %d from the checkpoint in %s", desc, start, where)
-    return start, params, state, extra if isinstance(extra, dict) else {}
+    extra = extra if isinstance(extra, dict) else {}
+    result = TrainResult(params, state, start_step=start)
+    result.compile_seconds = float(extra.get("compile_seconds", 0.0))
+    return result, TrainingClock(extra.get("time", 0.0))
 
 
 def _step_loop(
     step_fn: Callable[..., tuple[PyTree, Any, jax.Array]],
-    params: PyTree,
-    state: Any,
     batches: Iterator[Any],
     *,
     plain: bool,
-    start: int,
     steps: int,
     sync_every: int,
     eval_fn: Callable[[PyTree], Any] | None,
@@ -323,8 +313,9 @@ def _step_loop(
     result: TrainResult,
     clock: TrainingClock,
     stop: Callable[[], bool] | None,
-) -> tuple[PyTree, Any]:
-    """Runs steps ``start .. steps - 1``; returns the params and optimizer state after them.
+) -> None:
+    """Runs steps ``result.start_step .. steps - 1`` from ``result.params`` and
+    ``result.state``, and leaves the params and optimizer state after them there.
 
     Each step's packed metrics wait on the device in a pending list until ``flush`` (see
     ``_flush``) fetches them: every ``sync_every`` steps, after the last step, on an
@@ -332,9 +323,11 @@ def _step_loop(
     ``checkpointer.every`` steps, after the last step and on a stop. ``clock`` times the
     rows; it stands still during evaluations and checkpoints.
     """
+    start, params, state = result.start_step, result.params, result.state
     carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
     pending: _Pending = []
     save = functools.partial(_save, checkpointer, clock=clock, result=result)
+    clock.restart()  # the first step's seconds (compilation) are counted from here
     for i in range(start, steps):
         params, carry, vec = step_fn(params, carry, next(batches))
         state = carry[0] if plain else carry
@@ -359,7 +352,7 @@ def _step_loop(
         if stopping:
             result.stopped = True
             break
-    return params, state
+    result.params, result.state = params, state
 
 
 def _end_compile(vec: jax.Array, clock: TrainingClock) -> float:
