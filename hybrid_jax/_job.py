@@ -78,7 +78,10 @@ class MetricsLog:
 
         kept = []
         if start > 0 and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r["step"] < start]
+            try:
+                kept = [r for r in read_jsonl(self.path) if r["step"] < start]
+            except (ValueError, KeyError, TypeError) as e:
+                warnings.warn(f"cannot read {self.path} ({e})", RuntimeWarning, stacklevel=2)
         if [r["step"] for r in kept] != list(range(start)):
             warnings.warn(
                 f"{self.path} holds {len(kept)} rows of the {start} steps before step "

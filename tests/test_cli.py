@@ -227,6 +227,25 @@ def test_stop_checkpoints_and_a_resumed_run_goes_on_with_the_clock(tmp_path):
     assert second.compile_seconds > first.compile_seconds
 
 
+def test_metrics_log_keeps_the_steps_before_a_resume_and_drops_later_ones(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = _job.MetricsLog(path)
+    for step in range(6):  # a run killed after step 5, checkpointed at step 4
+        log({"step": step, "loss": float(step)})
+    assert len(path.read_text().splitlines()) == 6  # on disk as written
+    log.close()
+    resumed = _job.MetricsLog(path)
+    resumed({"step": 4, "loss": 40.0})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in _rows(path)] == [
+        (0, 0.0),
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+    ]
+
+
 # -- the whole job ---------------------------------------------------------------------
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
