@@ -182,7 +182,9 @@ class Checkpointer:
         """
         self._manager.wait_until_finished()
         self._manager.reload()
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for n, step in enumerate(steps):
+            earlier = steps[n + 1] if n + 1 < len(steps) else None
             try:
                 meta = self._manager.restore(
                     step,
@@ -199,7 +201,7 @@ class Checkpointer:
                     raise ValueError("config or layout is not a JSON object")
                 stored_params, stored_state = list(layout["params"]), list(layout["state"])
             except Exception as e:  # any failure to read means a bad step
-                self._set_aside(step, e)
+                self._set_aside(step, e, earlier)
                 continue
             self._check_config(step, stored_config)
             _check_layout(step, "params", stored_params, params_like)
@@ -215,7 +217,7 @@ class Checkpointer:
                 params = _data_to_keys(arrays.params, params_like)
                 state = _data_to_keys(arrays.state, state_like)
             except Exception as e:  # any failure to read means a bad step
-                self._set_aside(step, e)
+                self._set_aside(step, e, earlier)
                 continue
             return int(step), params, state, extra
         return None
@@ -229,7 +231,7 @@ class Checkpointer:
                 f"under a different config ({lines}); refusing to load it"
             )
 
-    def _set_aside(self, step: int, error: Exception) -> None:
+    def _set_aside(self, step: int, error: Exception, earlier: int | None) -> None:
         src = self.directory / str(step)
         dst = self.directory / f"{step}.corrupt"
         n = 1
@@ -244,10 +246,14 @@ class Checkpointer:
             except OSError:
                 pass
         message = str(error).splitlines()[0][:300] if str(error) else ""
+        then = (
+            f"trying the earlier checkpoint at step {earlier}"
+            if earlier is not None
+            else "no earlier checkpoint to fall back to"
+        )
         warnings.warn(
             f"Checkpointer: checkpoint at step {step} in {self.directory} is incomplete or "
-            f"corrupted ({type(error).__name__}: {message}){moved}; "
-            "falling back to the previous checkpoint",
+            f"corrupted ({type(error).__name__}: {message}){moved}; {then}",
             RuntimeWarning,
             stacklevel=3,
         )

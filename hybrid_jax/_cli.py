@@ -1,44 +1,132 @@
-"""``python -m hybrid_jax``: the main job.
+"""The command line of ``python -m hybrid_jax``: flags, messages, Ctrl-C and exit codes.
 
-Trains the embedded default (an MLP on scikit-learn's real, offline digits data, with a
-held-out split) with the hybrid beside plain AdamW on the same data order, prints the
-comparison, and writes metrics (JSON lines and CSV), a summary and plots to ``--out``.
+Exit codes: 0 done, 2 bad input (a message, never a traceback), 130 stopped by Ctrl-C
+(after a checkpoint, with the command that resumes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import os
+import shlex
+import signal
 import sys
+import textwrap
+import typing
+import warnings
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-DEFAULT_CONFIG = dict(warmup_steps=50, full_steps=10, correct_steps=3, min_horizon=1, max_horizon=4)
+from ._job import CLOCK_NOTE, run
+from ._settings import Predictors
+from ._train import STEPPINGS
+
+PROG = "python3 -m hybrid_jax"
+DESCRIPTION = """\
+Runs the main job: a small MLP on scikit-learn's digits data (real, offline, with a
+held-out split), trained with the hybrid optimizer beside plain AdamW on the same data
+order, then prints the comparison.
+
+Writes to --out: metrics.jsonl and metrics.csv (hybrid), baseline_metrics.jsonl (AdamW),
+summary.json, PNG plots, and checkpoints of both arms (checkpoints/hybrid,
+checkpoints/adamw). Metrics are appended as the run goes. Ctrl-C stops after the
+current step, saves a checkpoint and prints the command that resumes (--resume).
+"""
+EPILOG = textwrap.fill(f"In the printed table, {CLOCK_NOTE}.", width=88)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default, except where the help says it in words (default None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m hybrid_jax",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of init, split and data order")
-    ap.add_argument("--config", type=Path, help="a HybridConfig as .toml or .json")
-    ap.add_argument("--out", type=Path, default=Path("runs/hybrid"), help="output folder")
-    ap.add_argument("--resume", action="store_true", help="continue from --out's checkpoints")
+    _add_job_flags(ap)
+    _add_run_flags(ap)
+    return ap
+
+
+def _add_job_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that say what is trained."""
+    ap.add_argument(
+        "--steps", type=int, metavar="N", default=1000, help="training steps of each arm"
+    )
+    ap.add_argument(
+        "--seed", type=int, metavar="N", default=0, help="seed of the init, split and data order"
+    )
+    ap.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a HybridConfig as .toml or .json (default: the built-in one; see --print-config)",
+    )
+    ap.add_argument(
+        "--predictor",
+        choices=typing.get_args(Predictors),
+        help="the built-in predictor of the hybrid (default: the config's)",
+    )
+    ap.add_argument(
+        "--stepping",
+        choices=STEPPINGS,
+        default="dispatched",
+        help="how the hybrid steps, as hj.train(stepping=...): one program per kind of step "
+        "chosen on the host, or one lax.cond on the device",
+    )
+    ap.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the HybridConfig the job would use, as TOML, and exit",
+    )
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (both arms)")
+    ap.add_argument("--batch-size", type=int, metavar="N", default=64, help="examples per batch")
     ap.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also train plain AdamW on the same data (default: yes)",
+        help="also train plain AdamW on the same data",
     )
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (both arms)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--eval-every", type=int, default=100, help="held-out evaluation period")
-    ap.add_argument("--checkpoint-every", type=int, default=100)
-    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    return ap
+
+
+def _add_run_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that say where results go and how the run is watched."""
+    ap.add_argument(
+        "--out", type=Path, metavar="DIR", default=Path("runs/hybrid"), help="output folder"
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each arm from its latest checkpoint in --out (without it, an earlier "
+        "run's checkpoints there are removed)",
+    )
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="N",
+        default=100,
+        help="steps between held-out evaluations",
+    )
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        default=100,
+        help="steps between checkpoints (both arms)",
+    )
+    ap.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show a progress bar per arm",
+    )
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -51,94 +139,107 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must be a folder; {args.out} is a file")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the main job; returns the summaries by arm."""
-    import jax
-    import optax
+class _Interrupt:
+    """Ctrl-C (SIGINT) asks the job to stop after the current step; a second one ends
+    the process at once (exit 130, after ``message``), without unwinding through
+    compilation or a checkpoint being written. A context manager that installs the
+    handler (main thread only).
 
-    import hybrid_jax as hj
-    from hybrid_jax import _report, tasks
+    Args:
+      message: the line printed on a second Ctrl-C.
+    """
 
-    cfg = hj.HybridConfig.load(args.config) if args.config else hj.HybridConfig(**DEFAULT_CONFIG)
-    split = tasks.digits(seed=args.seed)
-    x_test, y_test = jax.numpy.asarray(split.x_test), jax.numpy.asarray(split.y_test)
-    eval_fn = jax.jit(lambda p: tasks.mlp_loss(p, (x_test, y_test)))
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.requested = False
+        self._previous: Any = None
 
-    def data(start: int):
-        return tasks.batches(split.x_train, split.y_train, args.batch_size, args.seed, start)
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            print(f"\n{self.message}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        self.requested = True
 
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        "hybrid": cfg.to_dict(),
-        "task": "digits-mlp",
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-    }
-    ckpt = hj.Checkpointer(out / "checkpoints", config=run_config, every=args.checkpoint_every)
-    memory = hj.MemoryMonitor()
-    tx = hj.predictive(optax.adamw(args.lr), cfg)
-    res = hj.train(
-        tasks.mlp_loss,
-        tx,
-        tasks.mlp_init(jax.random.key(args.seed)),
-        data,
-        steps=args.steps,
-        eval_fn=eval_fn,
-        eval_every=args.eval_every,
-        checkpointer=ckpt,
-        resume=args.resume,
-        memory=memory,
-        progress=args.progress,
-        desc="hybrid",
-    )
-    ckpt.close()
-    rows = res.rows
-    metrics_path = out / "metrics.jsonl"
-    if res.start_step > 0 and metrics_path.exists():
-        rows = [r for r in _report.read_jsonl(metrics_path) if r["step"] < res.start_step] + rows
-    _report.write_jsonl(rows, metrics_path)
-    _report.write_csv(rows, out / "metrics.csv")
-    summaries = {"hybrid": _report.summary(rows, memory=res.memory)}
-    summaries["hybrid"]["compile_seconds"] = res.compile_seconds
+    def __enter__(self) -> _Interrupt:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
 
-    base_rows = None
-    if args.baseline:
-        base = hj.train(
-            tasks.mlp_loss,
-            optax.adamw(args.lr),
-            tasks.mlp_init(jax.random.key(args.seed)),
-            data,
-            steps=args.steps,
-            eval_fn=eval_fn,
-            eval_every=args.eval_every,
-            progress=args.progress,
-            desc="adamw",
-        )
-        base_rows = base.rows
-        _report.write_jsonl(base_rows, out / "baseline_metrics.jsonl")
-        summaries["adamw"] = _report.summary(base_rows)
-        summaries["adamw"]["compile_seconds"] = base.compile_seconds
-    plots = _report.plot_run(rows, out, baseline_rows=base_rows)
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2, default=float))
-    print(
-        _report.compare(summaries)
-        if len(summaries) > 1
-        else _report.format_table(summaries["hybrid"])
-    )
-    print(f"wrote {metrics_path}, {out / 'summary.json'} and {len(plots)} plot(s) to {out}")
-    return summaries
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _quiet_logs() -> None:
+    """Our messages as plain lines on stdout; warnings as one line each on stderr;
+    absl's (orbax's) log noise kept out of the terminal."""
+    logger = logging.getLogger("hybrid_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover - orbax brings absl
+        pass
+
+    def show(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run."""
+    args = [a for a in argv if a != "--resume"]
+    return shlex.join([*PROG.split(), *args, "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad input, never a traceback)."""
+    """Entry point; returns the exit status (see the module docstring).
+
+    Args:
+      argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+      0, 2 or 130.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = _parser()
     args = ap.parse_args(argv)
-    try:
-        _check(args)
-        run(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        return 2
+    _quiet_logs()
+    again = (
+        f"{PROG}: interrupted again: stopped at once, without a checkpoint of the last "
+        f"steps; to continue from the last checkpoint: {_resume_command(argv)}"
+    )
+    with _Interrupt(again) as interrupt:
+        try:
+            _check(args)
+            if args.print_config:
+                from ._job import job_config
+
+                print(f"# the HybridConfig of {PROG}; edit it and pass it with --config FILE")
+                print(job_config(args).to_toml(), end="")
+                return 0
+            outcome = run(args, stop=lambda: interrupt.requested)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+    if outcome.stopped is not None:
+        arm, step, where = outcome.stopped
+        print(
+            f"{PROG}: interrupted: the {arm} arm stopped at step {step} of {args.steps} "
+            f"(checkpoint in {where}); to continue: {_resume_command(argv)}",
+            file=sys.stderr,
+        )
+        return 130
     return 0

@@ -4,13 +4,14 @@ The loop dispatches one jitted step per batch and keeps each step's metrics on t
 device, packed into one small vector; every ``sync_every`` steps it fetches them in one
 transfer, so the device is never made to wait on every step. Around that: a progress
 bar, periodic held-out evaluation, callbacks, memory sampling with an emergency
-checkpoint, and orbax checkpoints from which a run resumes exactly.
+checkpoint, orbax checkpoints from which a run resumes exactly, and a clean stop on
+request (e.g. Ctrl-C) that checkpoints first.
 """
 
 from __future__ import annotations
 
 import functools
-import time
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import optax
 
 from ._checkpoint import Checkpointer
+from ._clock import TrainingClock
 from ._dispatch import DispatchedStep
 from ._donation import TRAIN_FIX, donated_error
 from ._kinds import loss_with_aux
@@ -34,6 +36,7 @@ from ._transform import PredictiveTransformation
 
 PyTree = Any
 Row = dict[str, Any]
+log = logging.getLogger("hybrid_jax")
 _Pending = list[tuple[int, float, jax.Array]]  # (step, time, packed metrics on device)
 
 
@@ -44,15 +47,19 @@ class TrainResult:
     Attributes:
       params, state: after the last step (``state`` is the optax state for a plain
         optimizer).
-      rows: one dict of host scalars per step (``METRIC_NAMES`` plus ``time``, seconds
-        since the end of the first step, i.e. after compilation, when the step was
-        dispatched, and ``eval_loss`` on evaluation steps). With asynchronous dispatch a
-        step's dispatch waits for the device once its queue is full, so the clock follows
-        the device's pace; evaluations and checkpoints are inside it.
+      rows: one dict of host scalars per step (``METRIC_NAMES`` plus ``time`` and
+        ``eval_loss`` on evaluation steps). ``time`` is the training clock when the step
+        was dispatched: seconds spent in training steps since the run began, started
+        after the first (compiling) step and stopped during evaluations and
+        checkpoints; a resumed run goes on from the checkpoint's clock. With
+        asynchronous dispatch a step's dispatch waits for the device once its queue is
+        full, so the clock follows the device's pace.
       evals: ``(step, held-out loss)`` pairs.
       memory: the memory monitor's summary (``None`` without a monitor).
       start_step: the first step this call ran (after a resume, not 0).
-      compile_seconds: wall-clock of the first step (compilation included).
+      compile_seconds: wall-clock of the first step (compilation included), summed
+        over the calls of a resumed run.
+      stopped: ``stop`` asked the run to end early (after a checkpoint, if any).
     """
 
     params: PyTree
@@ -62,6 +69,7 @@ class TrainResult:
     memory: dict[str, Any] | None = None
     start_step: int = 0
     compile_seconds: float = 0.0
+    stopped: bool = False
 
 
 def _pack(m: dict[str, jax.Array]) -> jax.Array:
@@ -157,6 +165,7 @@ def train(
     stepping: str = "dispatched",
     has_aux: bool = False,
     max_nonfinite_steps: int | None = 100,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Trains for ``steps`` steps with ``tx`` (a hybrid or a plain optax optimizer).
 
@@ -191,6 +200,8 @@ def train(
         this many of them in a row (no finite real step between them), seen at a fetch
         of the metrics, the run stops with a ``FloatingPointError`` naming the step.
         ``None``: never stop.
+      stop: called after each step; ``True`` (e.g. a Ctrl-C handler's flag) makes the
+        run fetch its metrics, checkpoint and return with ``stopped=True``.
 
     Returns:
       A ``TrainResult``.
@@ -199,24 +210,21 @@ def train(
     check_max_steps(max_nonfinite_steps)
     if (err := donated_error("hj.train", params, state, fix=TRAIN_FIX)) is not None:
         raise err
-    start, params, state = _start(tx, params, state, checkpointer=checkpointer, resume=resume)
-    result = TrainResult(params, state, start_step=start)
+    result, clock = _start(
+        tx, params, state, checkpointer=checkpointer, resume=resume, desc=desc, steps=steps
+    )
+    start = result.start_step
     if start >= steps:
         return result
-
-    step_fn = make_train_step(loss_fn, tx, stepping=stepping, has_aux=has_aux)
-    batches = data(start)
-    bar = progress_bar(progress, steps, start, desc)
-    watch = NonfiniteWatch.starting_at(max_nonfinite_steps, state)
+    plain = not isinstance(tx, PredictiveTransformation)
+    bar = progress_bar(progress, steps, start, desc, plain=plain)
+    watch = NonfiniteWatch.starting_at(max_nonfinite_steps, result.state)
     callbacks = (*callbacks, watch)
     flush = functools.partial(_flush, result=result, callbacks=callbacks, memory=memory, bar=bar)
-    params, state = _step_loop(
-        step_fn,
-        params,
-        state,
-        batches,
-        plain=not isinstance(tx, PredictiveTransformation),
-        start=start,
+    _step_loop(
+        make_train_step(loss_fn, tx, stepping=stepping, has_aux=has_aux),
+        data(start),
+        plain=plain,
         steps=steps,
         sync_every=sync_every,
         eval_fn=eval_fn,
@@ -224,10 +232,11 @@ def train(
         checkpointer=checkpointer,
         flush=flush,
         result=result,
+        clock=clock,
+        stop=stop,
     )
     bar(None, 0)
     watch.finish()
-    result.params, result.state = params, state
     result.memory = memory.summary() if memory is not None else None
     return result
 
@@ -249,78 +258,102 @@ def _start(
     *,
     checkpointer: Checkpointer | None,
     resume: bool,
-) -> tuple[int, PyTree, Any]:
-    """The first step to run, and the params and optimizer state it starts from.
+    desc: str,
+    steps: int,
+) -> tuple[TrainResult, TrainingClock]:
+    """Where the run starts: a ``TrainResult`` holding the first step to run and the
+    params and optimizer state it starts from, and the training clock.
 
     ``state`` defaults to ``tx.init(params)``. With ``resume`` (which needs a
-    checkpointer), the latest good checkpoint, if any, replaces both: checkpoint N holds
-    the state after N steps, so the run goes on at step N.
+    checkpointer), the latest good checkpoint, if any, replaces both (checkpoint N holds
+    the state after N steps, so the run goes on at step N), and the clock and compile
+    seconds go on from it. What was found is logged (logger ``"hybrid_jax"``, INFO).
     """
     if resume and checkpointer is None:
         raise ValueError("train: resume=True needs a checkpointer")
     state = jax.jit(tx.init)(params) if state is None else state
-    if resume:
-        restored = checkpointer.restore(params, state)
-        if restored is not None:
-            start, params, state, _ = restored
-            return start, params, state
-    return 0, params, state
+    if not resume:
+        return TrainResult(params, state), TrainingClock()
+    found = checkpointer.all_steps()
+    restored = checkpointer.restore(params, state)
+    where = checkpointer.directory
+    if restored is None:
+        what = "no readable checkpoint" if found else "no checkpoint"
+        log.info("%s: %s in %s, starting at step 0", desc, what, where)
+        return TrainResult(params, state), TrainingClock()
+    start, params, state, extra = restored
+    if start >= steps:
+        log.info("%s: the checkpoint in %s is at step %d: done", desc, where, start)
+    else:
+        log.info("%s: resuming at step %d from the checkpoint in %s", desc, start, where)
+    extra = extra if isinstance(extra, dict) else {}
+    result = TrainResult(params, state, start_step=start)
+    result.compile_seconds = float(extra.get("compile_seconds", 0.0))
+    return result, TrainingClock(extra.get("time", 0.0))
 
 
 def _step_loop(
     step_fn: Callable[..., tuple[PyTree, Any, jax.Array]],
-    params: PyTree,
-    state: Any,
     batches: Iterator[Any],
     *,
     plain: bool,
-    start: int,
     steps: int,
     sync_every: int,
     eval_fn: Callable[[PyTree], Any] | None,
     eval_every: int,
     checkpointer: Checkpointer | None,
-    flush: Callable[[_Pending], bool],
+    flush: Callable[..., bool],
     result: TrainResult,
-) -> tuple[PyTree, Any]:
-    """Runs steps ``start .. steps - 1``; returns the params and optimizer state after them.
+    clock: TrainingClock,
+    stop: Callable[[], bool] | None,
+) -> None:
+    """Runs steps ``result.start_step .. steps - 1`` from ``result.params`` and
+    ``result.state``, and leaves the params and optimizer state after them there.
 
     Each step's packed metrics wait on the device in a pending list until ``flush`` (see
-    ``_flush``) fetches them: every ``sync_every`` steps, after the last step and before an
-    evaluation. Evaluations go into ``result``; checkpoints are saved on a memory
-    emergency, every ``checkpointer.every`` steps and after the last step.
+    ``_flush``) fetches them: every ``sync_every`` steps, after the last step, on an
+    evaluation and on a stop. Checkpoints are saved on a memory emergency, every
+    ``checkpointer.every`` steps, after the last step and on a stop. ``clock`` times the
+    rows; it stands still during evaluations and checkpoints.
     """
+    start, params, state = result.start_step, result.params, result.state
     carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
     pending: _Pending = []
-    emergency = False
-    t0 = time.perf_counter()
+    save = functools.partial(_save, checkpointer, clock=clock, result=result)
+    clock.restart()  # the first step's seconds (compilation) are counted from here
     for i in range(start, steps):
-        batch = next(batches)
-        params, carry, vec = step_fn(params, carry, batch)
+        params, carry, vec = step_fn(params, carry, next(batches))
         state = carry[0] if plain else carry
         if i == start:  # compilation: timed apart, the clock of the rows starts after it
-            result.compile_seconds, t0 = _end_compile(vec, t0)
-        pending.append((i, time.perf_counter() - t0, vec))
+            result.compile_seconds += _end_compile(vec, clock)
+        pending.append((i, clock.now(), vec))
         last_step = i == steps - 1
-        if len(pending) >= sync_every or last_step:
-            emergency |= flush(pending)
+        stopping = stop is not None and not last_step and stop()
+        eval_loss = None
         if eval_fn is not None and ((eval_every and (i + 1) % eval_every == 0) or last_step):
-            emergency |= flush(pending)
-            _evaluate(eval_fn, params, step=i, result=result)
+            with clock.paused(wait_for=params):
+                eval_loss = float(eval_fn(params))
+        emergency = False
+        if len(pending) >= sync_every or last_step or stopping or eval_loss is not None:
+            emergency = flush(pending, eval_loss=eval_loss)
         if emergency:
-            _save(checkpointer, step=i, params=params, state=state, reason="memory emergency")
-            emergency = False
-        if checkpointer is not None and ((i + 1) % checkpointer.every == 0 or last_step):
-            reason = "end" if last_step else "interval"
-            _save(checkpointer, step=i, params=params, state=state, reason=reason)
-    return params, state
+            save(step=i, params=params, state=state, reason="memory emergency")
+        on_interval = checkpointer is not None and (i + 1) % checkpointer.every == 0
+        if on_interval or last_step or stopping:
+            reason = "end" if last_step else "interval" if on_interval else "stopped"
+            save(step=i, params=params, state=state, reason=reason)
+        if stopping:
+            result.stopped = True
+            break
+    result.params, result.state = params, state
 
 
-def _end_compile(vec: jax.Array, t0: float) -> tuple[float, float]:
-    """Waits for the first step; returns its seconds since ``t0`` and the rows' new t0."""
+def _end_compile(vec: jax.Array, clock: TrainingClock) -> float:
+    """Waits for the first step; returns its seconds and restarts ``clock`` after it."""
     jax.block_until_ready(vec)
-    compile_seconds = time.perf_counter() - t0
-    return compile_seconds, time.perf_counter()
+    seconds = clock.now() - clock.offset
+    clock.restart()
+    return seconds
 
 
 def _fetch_rows(pending: _Pending) -> list[Row]:
@@ -341,9 +374,12 @@ def _flush(
     callbacks: Sequence[Callable[[Row], None]],
     memory: MemoryMonitor | None,
     bar: Callable[[Row | None, int], None],
+    eval_loss: float | None = None,
 ) -> bool:
     """Fetches and empties ``pending``: its rows go to ``result.rows``, the callbacks and
-    the progress bar, and the memory monitor samples once.
+    the progress bar, and the memory monitor samples once. ``eval_loss``, the held-out
+    loss after the last pending step, goes into that step's row (before the callbacks
+    see it) and into ``result.evals``.
 
     Returns:
       Whether that sample started a memory emergency (``False`` with nothing pending).
@@ -352,6 +388,9 @@ def _flush(
         return False
     new_rows = _fetch_rows(pending)
     pending.clear()
+    if eval_loss is not None:
+        new_rows[-1]["eval_loss"] = eval_loss
+        result.evals.append((new_rows[-1]["step"], eval_loss))
     result.rows.extend(new_rows)
     for cb in callbacks:
         for row in new_rows:
@@ -365,19 +404,22 @@ def _flush(
     return emergency
 
 
-def _evaluate(
-    eval_fn: Callable[[PyTree], Any], params: PyTree, *, step: int, result: TrainResult
-) -> None:
-    """Runs ``eval_fn`` after ``step``: into ``result.evals`` and the last row's ``eval_loss``."""
-    loss = float(eval_fn(params))
-    result.evals.append((step, loss))
-    result.rows[-1]["eval_loss"] = loss
-
-
 def _save(
-    checkpointer: Checkpointer | None, *, step: int, params: PyTree, state: Any, reason: str
+    checkpointer: Checkpointer | None,
+    *,
+    step: int,
+    params: PyTree,
+    state: Any,
+    reason: str,
+    clock: TrainingClock,
+    result: TrainResult,
 ) -> None:
     """Checkpoints the state after step ``step``, as checkpoint ``step + 1`` (steps done),
-    before the next step donates its buffers (nothing without a checkpointer)."""
-    if checkpointer is not None:
-        checkpointer.save(step + 1, params, state, extra={"reason": reason}, force=True)
+    before the next step donates its buffers (nothing without a checkpointer). The clock
+    stands still meanwhile; the checkpoint keeps its reading and the compile seconds so
+    far, from which a resumed run goes on."""
+    if checkpointer is None:
+        return
+    with clock.paused(wait_for=params):
+        extra = {"reason": reason, "time": clock.now(), "compile_seconds": result.compile_seconds}
+        checkpointer.save(step + 1, params, state, extra=extra, force=True)
