@@ -104,8 +104,12 @@ def _add_run_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--resume",
         action="store_true",
-        help="continue each arm from its latest checkpoint in --out (without it, an earlier "
-        "run's checkpoints there are removed)",
+        help="continue each arm from its latest checkpoint in --out",
+    )
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh where --out holds an earlier run's checkpoints (they are deleted)",
     )
     ap.add_argument(
         "--eval-every",
@@ -137,6 +141,18 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0; got {args.lr}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out must be a folder; {args.out} is a file")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+
+
+def _check_earlier_run(args: argparse.Namespace) -> None:
+    """An earlier run's checkpoints in ``--out`` are never deleted unasked."""
+    earlier = args.out / "checkpoints"
+    if not (args.resume or args.overwrite) and earlier.is_dir() and any(earlier.iterdir()):
+        raise ValueError(
+            f"{earlier} holds an earlier run's checkpoints: add --resume to continue that "
+            "run, or --overwrite to start again and delete them (or choose another --out)"
+        )
 
 
 class _Interrupt:
@@ -230,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# the HybridConfig of {PROG}; edit it and pass it with --config FILE")
                 print(job_config(args).to_toml(), end="")
                 return 0
+            _check_earlier_run(args)
             outcome = run(args, stop=lambda: interrupt.requested)
         except (ValueError, FileNotFoundError, ImportError) as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)

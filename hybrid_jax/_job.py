@@ -146,7 +146,7 @@ def _train_arm(
         run_config["hybrid"] = cfg.to_dict()
         tx = hj.predictive(tx, cfg)
     ckpt_dir = args.out / "checkpoints" / arm
-    if not args.resume and ckpt_dir.exists():
+    if not args.resume and ckpt_dir.exists():  # --overwrite (the command line checked)
         shutil.rmtree(ckpt_dir)
         log.info("%s: starting afresh; removed an earlier run's checkpoints in %s", arm, ckpt_dir)
 

@@ -105,6 +105,22 @@ def test_resume_on_an_empty_folder_says_so(tmp_path):
     assert "Traceback" not in err and "absl" not in err
 
 
+def test_an_earlier_runs_checkpoints_are_not_deleted_unasked(tmp_path):
+    kept = tmp_path / "checkpoints" / "hybrid" / "100"
+    kept.mkdir(parents=True)
+    assert _cli.main(["--out", str(tmp_path), "--steps", "5", "--no-progress"]) == 2
+    assert kept.is_dir()
+    assert _cli.main(["--out", str(tmp_path), "--resume", "--overwrite"]) == 2
+
+
+def test_an_earlier_runs_checkpoints_error_names_resume_and_overwrite(tmp_path, capsys):
+    (tmp_path / "checkpoints" / "adamw").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "adamw" / "7").mkdir()
+    assert _cli.main(["--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
+
+
 def test_resume_on_a_garbage_folder_says_what_it_found(tmp_path):
     bad = tmp_path / "checkpoints" / "hybrid" / "100"
     bad.mkdir(parents=True)
