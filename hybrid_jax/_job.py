@@ -193,7 +193,9 @@ def _report_run(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         summaries[arm]["compile_seconds"] = res.compile_seconds
         summaries[arm]["checkpoint_steps_kept"] = kept
     _report.write_csv(rows["hybrid"], args.out / "metrics.csv")
-    plots = _report.plot_run(rows["hybrid"], args.out, baseline_rows=rows.get("adamw"))
+    plots = _report.plot_run(
+        rows["hybrid"], args.out, baseline_rows=rows.get("adamw"), baseline_name="adamw"
+    )
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=2, default=float))
     table = summaries["hybrid"] if len(summaries) == 1 else summaries
     print(_report.compare(summaries) if len(summaries) > 1 else _report.format_table(table))
