@@ -108,6 +108,26 @@ class Check(NamedTuple):
     drop: jax.Array  # skip or rollback: the optimizer's update is not applied
     verdict: _monitor.Verdict
     monitor: _monitor.MonitorState
+    short: jax.Array  # the phase passed the guard but not the cost rule
+
+
+def expected_decrease(snapshot_loss: jax.Array, trend: jax.Array, h: jax.Array) -> jax.Array:
+    """The loss decrease ``h`` real steps from ``snapshot_loss`` were expected to make:
+    ``snapshot_loss * (1 - exp(h * min(trend, 0)))``, with ``trend`` the running
+    per-real-step change of the log loss level (0 where it is not negative)."""
+    rate = jnp.minimum(jnp.asarray(trend, jnp.float32), 0.0)
+    return snapshot_loss * -jnp.expm1(jnp.asarray(h, jnp.float32) * rate)
+
+
+def pays(cfg: HybridConfig, state: HybridState, snapshot_loss, loss) -> jax.Array:
+    """The cost rule: the Predict phase that ended (``state.last.horizon`` steps, its
+    planned length) lowered the loss by at least ``predict_cost_ratio`` times what as
+    many real steps were expected to (where nothing was expected: it did not raise it).
+    Always true with ``predict_cost_ratio == 0``."""
+    if cfg.predict_cost_ratio == 0:
+        return jnp.asarray(True)
+    expected = expected_decrease(snapshot_loss, state.stats.log_loss_trend, state.last.horizon)
+    return snapshot_loss - loss >= cfg.predict_cost_ratio * expected
 
 
 def check(
@@ -121,11 +141,17 @@ def check(
     verifying: bool,
     predicted_loss: jax.Array,
 ) -> Check:
-    """Non-finite guard, verification of the Predict phase that ended, monitor."""
+    """Non-finite guard, verification of the Predict phase that ended, monitor.
+
+    A phase is accepted when the loss at the new parameters is within
+    ``verify_tolerance`` of the snapshot's (the guard) and the cost rule holds (``pays``).
+    """
     loss_ok = jnp.isfinite(loss) if loss_given else jnp.asarray(True)
     skip = ~(loss_ok & jnp.isfinite(grad_norm))
     tolerated = (1.0 + setup.cfg.verify_tolerance) * snapshot_loss
-    accepted = verifying & jnp.isfinite(snapshot_loss) & loss_ok & (loss <= tolerated)
+    guarded = verifying & jnp.isfinite(snapshot_loss) & loss_ok & (loss <= tolerated)
+    paid = pays(setup.cfg, state, snapshot_loss, loss)
+    accepted = guarded & paid
     monitor, verdict = _monitor.observe_real(
         state.monitor, setup.monitor, loss=loss, grad_norm=grad_norm, predicted_loss=predicted_loss
     )
@@ -133,7 +159,15 @@ def check(
         rollback = state.snapshot_valid & (~accepted | verdict.rollback)
     else:
         rollback = jnp.asarray(False)
-    return Check(skip, jnp.asarray(accepted), rollback, skip | rollback, verdict, monitor)
+    return Check(
+        skip=skip,
+        accepted=jnp.asarray(accepted),
+        rollback=rollback,
+        drop=skip | rollback,
+        verdict=verdict,
+        monitor=monitor,
+        short=jnp.asarray(guarded & ~paid),
+    )
 
 
 _SCHEDULE_STATES = (
