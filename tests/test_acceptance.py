@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import run_digits
 
 import hybrid_jax as hj
 
@@ -58,7 +57,7 @@ def test_an_exact_predictor_is_accepted_nearly_always():
     )
     tx = hj.predictive(optax.sgd(LR), cfg, predictor=fixed_last_update(r, r, "exact"))
     params = {"x": jnp.linspace(-1.0, 1.0, 32, dtype=jnp.float32) + 0.5}
-    rows, state = run_rows(tx, params, quadratic, lambda s: itertools.repeat(0.0), 300)
+    rows, _ = run_rows(tx, params, quadratic, lambda s: itertools.repeat(0.0), 300)
     verified = np.asarray([row["verified"] for row in rows])
     rejected = np.asarray([row["rolled_back"] for row in rows])
     accepted = int(np.sum(verified & ~rejected))
