@@ -13,7 +13,8 @@ so a whole run compiles once.
 
 Submodules: ``hybrid_jax.config`` (the config and its groups), ``hybrid_jax.report``
 (export, summaries, plots), ``hybrid_jax.sharding`` (the step over a device mesh),
-``hybrid_jax.tasks`` (the offline real tasks of the tests and benchmarks).
+``hybrid_jax.tasks`` (the offline real tasks of the tests and benchmarks),
+``hybrid_jax.predictors`` (the built-in and trajectory predictors).
 """
 
 from . import _report as report  # noqa: F401  (hj.report)

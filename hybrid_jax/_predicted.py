@@ -38,7 +38,7 @@ def predicted_update(
     )
     one_step, dlog = S.corrected(setup, state, p)
     coefs = jnp.einsum("gb,gbc->gc", one_step, transport)
-    step_map = _basis.transition(one_step, cfg.basis.ema_decay)
+    step_map = _basis.transition(one_step, cfg.basis.ema_decay, cfg.basis.stride)
     delta = _basis.combine(state.basis, coefs, lay.groups, params)
     updates, bad = guard_nonfinite(params, delta, idle)
     bad = (bad | ~jnp.all(jnp.isfinite(coefs))) & ~idle

@@ -13,7 +13,10 @@ functions over a fixed-shape pytree state:
 
 Coefficients are *one-step*: ``update_{t+1} = sum_b coefs[g, b] * basis_t[b]``. Over a
 Predict phase the library composes them through the virtual basis (``_basis.transition``),
-so a predictor never needs to know how many steps ago the real basis was frozen.
+so a predictor never needs to know how many steps ago the real basis was frozen. With
+``BasisSettings.stride > 1`` the basis is frozen instead (the transition is the
+identity): coefficients are each predicted step's update over it
+(``hybrid_jax._trajectory``).
 """
 
 from __future__ import annotations
@@ -137,4 +140,8 @@ def builtin(config: Any) -> Predictor:
         return last_update()
     if name == "extrapolate":
         return extrapolate()
+    if name in ("linefit", "snoo"):
+        from . import _trajectory
+
+        return getattr(_trajectory, name)()
     raise ValueError(f"unknown predictor {name!r}")

@@ -319,7 +319,9 @@ def learn(
     """Basis, encoder, predictor, residuals and corrector learn from an observed step."""
     cfg = setup.cfg
     norm = jnp.sqrt(jnp.sum(f.gram.uu))
-    basis = _basis.push(state.basis, updates, f.gram, cfg.basis.ema_decay, keep=~drop)
+    basis = _basis.push(
+        state.basis, updates, f.gram, cfg.basis.ema_decay, keep=~drop, stride=cfg.basis.stride
+    )
     enc, feats, gap = features(
         setup, state, f, lv, loss=loss, grad_norm=grad_norm, inner_state=inner_state, norm=norm
     )

@@ -125,7 +125,7 @@ def init(setup: S.Setup, params: PyTree) -> HybridState:
         phase=_phases.init(cfg),
         pending=_phases.init_pending(),
         step=i32(0),
-        basis=_basis.init(params, size, cfg.basis.dtype, lay.n_groups),
+        basis=_basis.init(params, size, cfg.basis.dtype, lay.n_groups, cfg.basis.stride),
         transport=jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), (lay.n_groups, size, size)),
         encoder=_encoder.init(size),
         dynamics=setup.pred.init(PredictorSpec(lay.n_groups, size, cfg)),

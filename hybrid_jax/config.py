@@ -72,8 +72,10 @@ class HybridConfig(_Settings):
         ``"bandit"`` (LinUCB over ``bandit.horizons``); every horizon is multiplied by
         the horizon scale (see ``horizon_shrink``).
       confidence_threshold: smallest confidence, in [0, 1], that starts a Predict phase.
-      predictor: ``"last_update"``, ``"extrapolate"`` or ``"rssm"`` (a custom
-        ``hj.Predictor`` can be passed to ``hj.predictive`` instead).
+      predictor: ``"last_update"``, ``"extrapolate"``, ``"rssm"``, ``"linefit"`` or
+        ``"snoo"`` (``hybrid_jax.predictors``, default arguments; ``"linefit"`` needs
+        ``basis=BasisSettings(size=4, stride=S > 1)``); a custom ``hj.Predictor`` can be
+        passed to ``hj.predictive`` instead.
       observe_every: of every this many real steps (>= 1) the hybrid observes two in a
         row (learns from them); the others are the optimizer's step with the safety
         checks. A step that verifies a Predict phase, or that ends a phase after which
@@ -159,6 +161,7 @@ class HybridConfig(_Settings):
         require(n, "monitor_every", self.monitor_every, self.monitor_every >= 0, "must be >= 0")
         x = self.horizon_shrink
         require(n, "horizon_shrink", x, math.isfinite(x) and 0 < x <= 1, "must be in (0, 1]")
+        self._validate_basis()
         if self.horizon_policy == "bandit":
             inside = all(self.min_horizon <= h <= self.max_horizon for h in self.bandit.horizons)
             require(
@@ -168,6 +171,21 @@ class HybridConfig(_Settings):
                 inside,
                 f"horizons must lie within [min_horizon, max_horizon] = "
                 f"[{self.min_horizon}, {self.max_horizon}]",
+            )
+
+    def _validate_basis(self) -> None:
+        stride = self.basis.stride
+        if stride > 1 and self.observe_every > 2:
+            raise ValueError(
+                f"HybridConfig: basis.stride {stride} sums every real update into its "
+                f"displacements, so it needs every real step observed: set "
+                f"observe_every <= 2 (got {self.observe_every}) or basis.stride = 1"
+            )
+        if self.predictor == "linefit" and (stride < 2 or self.basis.size < 4):
+            raise ValueError(
+                f"HybridConfig: predictor='linefit' (4 snapshots) needs a basis of "
+                f"displacements: basis=BasisSettings(size=4, stride=S) with S > 1; got "
+                f"size {self.basis.size}, stride {stride}"
             )
 
     # -- serialisation -----------------------------------------------------

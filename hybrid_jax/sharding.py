@@ -168,8 +168,9 @@ def state_shardings(tx: Any, params: PyTree, params_shardings: PyTree, mesh: Mes
       that shape are sharded differently, the leaf is replicated). Other leaves
       (counts, scalars, ...) are replicated.
     - ``basis.ema``: the parameters' shardings; ``basis.ring``: ``PartitionSpec(None,
-      *param_spec)`` per leaf (the leading ring axis whole on every device); the rest
-      of the basis is replicated.
+      *param_spec)`` per leaf (the leading ring axis whole on every device);
+      ``basis.acc.total`` (``stride > 1``): the parameters' shardings; the rest of the
+      basis is replicated.
     - ``snapshot``: the parameters' shardings.
     - everything else (phase machine, transport, encoder, predictor, statistics,
       counters, residuals, corrector, monitor, bandit): replicated.
@@ -230,7 +231,11 @@ def state_shardings(tx: Any, params: PyTree, params_shardings: PyTree, mesh: Mes
     )
     return out._replace(
         inner=inner_shardings(abstract.inner),
-        basis=out.basis._replace(ema=params_shardings, ring=ring),
+        basis=out.basis._replace(
+            ema=params_shardings,
+            ring=ring,
+            acc=None if out.basis.acc is None else out.basis.acc._replace(total=params_shardings),
+        ),
         snapshot=params_shardings,
     )
 
