@@ -80,12 +80,14 @@ class Predictor(NamedTuple):
 
 
 def _fixed(name: str, logical_index: int, doc: str) -> Callable[[], Predictor]:
-    """A predictor whose coefficients are one fixed basis direction (its state)."""
+    """A predictor whose coefficients are one fixed basis direction (its state), over
+    ``S = BasisSettings.stride`` (a direction spans ``S`` real steps)."""
 
     def factory() -> Predictor:
         def init(spec: PredictorSpec) -> PyTree:
+            stride = getattr(getattr(spec.config, "basis", None), "stride", 1)
             coefs = jnp.zeros((spec.n_groups, spec.basis_size), jnp.float32)
-            return coefs.at[:, logical_index].set(1.0)
+            return coefs.at[:, logical_index].set(1.0 / stride)
 
         def observe(state: PyTree, obs: Observation) -> PyTree:
             del obs
@@ -106,7 +108,9 @@ def _fixed(name: str, logical_index: int, doc: str) -> Callable[[], Predictor]:
 last_update = _fixed(
     "last_update",
     0,
-    """Repeats the last real update on every predicted step.
+    """Repeats the last real update on every predicted step (with
+    ``BasisSettings.stride = S > 1``: the last displacement over ``S``, the mean real
+    update of its ``S`` steps).
 
     Confidence: the running cosine between consecutive real updates.
 
@@ -119,7 +123,8 @@ extrapolate = _fixed(
     "extrapolate",
     1,
     """Extrapolates the parameter trajectory linearly with its smoothed velocity:
-    every predicted step applies the EMA of real updates.
+    every predicted step applies the EMA of real updates (over ``S`` with
+    ``BasisSettings.stride = S > 1``).
 
     Confidence: the running cosine between each real update and the EMA before it.
 

@@ -157,3 +157,11 @@ def test_trajectory_predictors_name_what_they_need():
         P.linefit(1)
     with pytest.raises(ValueError, match="outer_lr"):
         P.snoo(outer_lr=0.0)
+
+
+def test_the_fixed_predictors_apply_one_real_step_of_a_displacement():
+    cfg = hj.HybridConfig(basis=hj.BasisSettings(stride=4))
+    spec = hj.PredictorSpec(n_groups=2, basis_size=2, config=cfg)
+    for factory, slot in ((P.last_update, 0), (P.extrapolate, 1)):
+        coefs = np.asarray(factory().init(spec))
+        assert np.all(coefs[:, slot] == 0.25) and np.all(coefs[:, 1 - slot] == 0.0)
