@@ -13,7 +13,8 @@ so a whole run compiles once.
 
 Submodules: ``hybrid_jax.config`` (the config and its groups), ``hybrid_jax.report``
 (export, summaries, plots), ``hybrid_jax.sharding`` (the step over a device mesh),
-``hybrid_jax.tasks`` (the offline real tasks of the tests and benchmarks).
+``hybrid_jax.tasks`` (the offline real tasks of the tests and benchmarks),
+``hybrid_jax.predictors`` (the built-in and trajectory predictors).
 """
 
 from . import _report as report  # noqa: F401  (hj.report)
@@ -30,8 +31,12 @@ from ._predictors import (
     Prediction,
     Predictor,
     PredictorSpec,
-    extrapolate,
-    last_update,
+)
+from ._predictors import (
+    extrapolate as extrapolate,  # also in hybrid_jax.predictors
+)
+from ._predictors import (
+    last_update as last_update,
 )
 from ._rssm import rssm
 from ._state import HybridState
@@ -62,10 +67,8 @@ __all__ = [
     "PredictorSpec",
     "RSSMSettings",
     "TrainResult",
-    "extrapolate",
     "force_full",
     "hybrid_step",
-    "last_update",
     "make_dispatched_step",
     "make_hybrid_step",
     "metrics",

@@ -15,6 +15,14 @@ shifting). The *physical* slots used by coefficient vectors in storage order are
 update's inner products and the parameters' new value can come out of one fused pass
 over the update; with ``B = 2`` the ring slot is too (written by a select, not an
 in-place update).
+
+**Stride.** With ``stride = S > 1`` a direction is the displacement over ``S`` real
+steps instead of one real update: an accumulator (one more parameter-sized buffer,
+``Accumulator``) sums the real updates since the last push, and every ``S``-th real
+update pushes the sum. The EMA then starts from zero, so that ``ema / (1 - d)`` is
+``sum_j d^j disp_{t-j}`` exactly (SNOO's outer momentum). Each real update is still fitted
+onto the basis; during a Predict phase the basis is frozen (``transition`` is the
+identity), so predicted coefficients are each step's update over the frozen basis.
 """
 
 from __future__ import annotations
@@ -27,14 +35,24 @@ import jax.numpy as jnp
 PyTree = Any
 
 
+class Accumulator(NamedTuple):
+    """The real updates since the last push (``stride > 1``), and their inner products."""
+
+    total: PyTree  # per leaf: leaf.shape, the sum of the updates
+    bu: jax.Array  # (G, B) float32: the directions vs ``total``, logical order
+    uu: jax.Array  # (G,) float32: ``total`` with itself
+    n: jax.Array  # int32: updates in ``total``
+
+
 class Basis(NamedTuple):
     """Direction buffers; see the module docstring for the layout."""
 
     ema: PyTree  # per leaf: leaf.shape
     ring: PyTree  # per leaf: (B - 1, *leaf.shape)
-    head: jax.Array  # int32: ring slot (0..B-2) of the newest real update
-    count: jax.Array  # int32: real updates pushed so far
+    head: jax.Array  # int32: ring slot (0..B-2) of the newest direction
+    count: jax.Array  # int32: directions pushed so far
     gram: jax.Array  # (G, B, B) float32: inner products of the directions, logical order
+    acc: Accumulator | None = None  # stride > 1 only
 
 
 class Gram(NamedTuple):
@@ -43,6 +61,7 @@ class Gram(NamedTuple):
     bb: jax.Array  # (G, B, B): basis vs basis
     bu: jax.Array  # (G, B): basis vs the new update
     uu: jax.Array  # (G,): the new update with itself
+    au: jax.Array | None = None  # (G,): the accumulator vs the new update (stride > 1)
 
 
 def storage_dtype(leaf_dtype: Any, basis_dtype: str) -> Any:
@@ -52,13 +71,23 @@ def storage_dtype(leaf_dtype: Any, basis_dtype: str) -> Any:
     return jnp.dtype(basis_dtype)
 
 
-def init(params: PyTree, size: int, basis_dtype: str, n_groups: int) -> Basis:
-    """Zero directions shaped like ``params``."""
+def init(params: PyTree, size: int, basis_dtype: str, n_groups: int, stride: int = 1) -> Basis:
+    """Zero directions shaped like ``params`` (and, with ``stride > 1``, a zero
+    accumulator)."""
     dtype = lambda p: storage_dtype(p.dtype, basis_dtype)
     ema = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype(p)), params)
     ring = jax.tree.map(lambda p: jnp.zeros((size - 1, *p.shape), dtype(p)), params)
     zero = jnp.zeros((), jnp.int32)
-    return Basis(ema, ring, zero, zero, jnp.zeros((n_groups, size, size), jnp.float32))
+    acc = None
+    if stride > 1:
+        acc = Accumulator(
+            total=jax.tree.map(lambda p: jnp.zeros(p.shape, dtype(p)), params),
+            bu=jnp.zeros((n_groups, size), jnp.float32),
+            uu=jnp.zeros((n_groups,), jnp.float32),
+            n=zero,
+        )
+    gram = jnp.zeros((n_groups, size, size), jnp.float32)
+    return Basis(ema=ema, ring=ring, head=zero, count=zero, gram=gram, acc=acc)
 
 
 def size_of(basis: Basis) -> int:
@@ -117,14 +146,19 @@ def gram(
     size = size_of(basis)
     bu = jnp.zeros((n_groups, size), jnp.float32)
     uu = jnp.zeros((n_groups,), jnp.float32)
-    for g, v, u in zip(group_of_leaf, slots(basis), jax.tree.leaves(update), strict=True):
+    au = jnp.zeros((n_groups,), jnp.float32)
+    accs = [None] * len(group_of_leaf) if basis.acc is None else jax.tree.leaves(basis.acc.total)
+    leaves = zip(group_of_leaf, slots(basis), jax.tree.leaves(update), accs, strict=True)
+    for g, v, u, a in leaves:
         u32, factor = sample_rows(u, stride)
         u32 = u32.astype(jnp.float32)
         dots = [jnp.sum(sample_rows(b, stride)[0].astype(jnp.float32) * u32) for b in v]
         bu = bu.at[g].add(factor * jnp.stack(dots))
         uu = uu.at[g].add(factor * jnp.sum(u32 * u32))
+        if a is not None:
+            au = au.at[g].add(factor * jnp.sum(sample_rows(a, stride)[0].astype(jnp.float32) * u32))
     idx = physical_index(basis.head, size)
-    return Gram(basis.gram, bu[:, idx], uu)
+    return Gram(basis.gram, bu[:, idx], uu, None if basis.acc is None else au)
 
 
 def fit(g: Gram, ridge: float) -> tuple[jax.Array, jax.Array]:
@@ -178,9 +212,16 @@ def cosine(g: Gram, coefs: jax.Array) -> jax.Array:
 
 
 def push(
-    basis: Basis, update: PyTree, g: Gram, decay: float, keep: jax.Array | bool = True
+    basis: Basis,
+    update: PyTree,
+    g: Gram,
+    decay: float,
+    keep: jax.Array | bool = True,
+    stride: int = 1,
 ) -> Basis:
-    """Adds a real update: it becomes the last update, enters the EMA and the ring.
+    """Adds a real update: it becomes the last direction, enters the EMA and the ring;
+    with ``stride > 1`` it enters the accumulator, whose sum is pushed (and the
+    accumulator emptied) at every ``stride``-th update.
 
     ``g`` is ``gram(basis, update, ...)``; the new directions' Gram matrix follows from
     it without another pass over the parameters. With ``keep`` false the basis is
@@ -188,9 +229,33 @@ def push(
     over whole buffers), so that XLA fuses it and writes the buffers in place.
     """
     keep = jnp.asarray(keep)
+    if basis.acc is None:
+        return _push_direction(basis, update, g, decay, keep, basis.count == 0)
+    acc = basis.acc
+    total = jax.tree.map(lambda a, u: a + u.astype(a.dtype), acc.total, update)
+    bd = acc.bu + g.bu
+    dd = acc.uu + 2.0 * g.au + g.uu
+    due = keep & (acc.n + 1 >= stride)
+    pushed = _push_direction(basis, total, Gram(g.bb, bd, dd), decay, due, False)
+    grow = keep & ~due
+    new_acc = Accumulator(
+        total=jax.tree.map(
+            lambda t, a: jnp.where(due, jnp.zeros_like(a), jnp.where(grow, t, a)), total, acc.total
+        ),
+        bu=jnp.where(due, 0.0, jnp.where(grow, bd, acc.bu)),
+        uu=jnp.where(due, 0.0, jnp.where(grow, dd, acc.uu)),
+        n=jnp.where(due, 0, acc.n + grow.astype(jnp.int32)).astype(jnp.int32),
+    )
+    return pushed._replace(acc=new_acc)
+
+
+def _push_direction(
+    basis: Basis, direction: PyTree, g: Gram, decay: float, keep: jax.Array, first
+) -> Basis:
+    """``direction`` (whose inner products are ``g``) becomes the newest direction where
+    ``keep``; ``first``: the EMA starts at it (else it starts from zero)."""
     size = size_of(basis)
     head = jnp.where(keep, jnp.mod(basis.head + 1, size - 1), basis.head).astype(jnp.int32)
-    first = basis.count == 0
 
     def ema(e: jax.Array, u: jax.Array) -> jax.Array:
         u = u.astype(e.dtype)
@@ -204,8 +269,8 @@ def push(
         slot = jax.lax.dynamic_index_in_dim(r, head, axis=0, keepdims=False)
         return jax.lax.dynamic_update_index_in_dim(r, jnp.where(keep, u, slot), head, axis=0)
 
-    new_ema = jax.tree.map(ema, basis.ema, update)
-    new_ring = jax.tree.map(write_ring, basis.ring, update)
+    new_ema = jax.tree.map(ema, basis.ema, direction)
+    new_ring = jax.tree.map(write_ring, basis.ring, direction)
     a = _shift(size, decay, first)  # (B, B+1) over [old directions..., update]
     ext = jnp.concatenate(
         [
@@ -215,7 +280,13 @@ def push(
         axis=1,
     )
     new_gram = jnp.where(keep, jnp.einsum("ij,gjk,lk->gil", a, ext, a), basis.gram)
-    return Basis(new_ema, new_ring, head, basis.count + keep.astype(jnp.int32), new_gram)
+    return basis._replace(
+        ema=new_ema,
+        ring=new_ring,
+        head=head,
+        count=basis.count + keep.astype(jnp.int32),
+        gram=new_gram,
+    )
 
 
 def _shift(size: int, decay: float, first: jax.Array | bool = False) -> jax.Array:
@@ -246,11 +317,14 @@ def combine(basis: Basis, coefs: jax.Array, group_of_leaf: tuple[int, ...], like
     return jax.tree.unflatten(treedef, out)
 
 
-def transition(coefs: jax.Array, decay: float) -> jax.Array:
+def transition(coefs: jax.Array, decay: float, stride: int = 1) -> jax.Array:
     """Matrix ``M(c)`` (G, B, B) taking the directions to those after a step whose
     update is ``sum_b c_b direction_b``: the update becomes the last direction, enters
-    the EMA, and the older directions shift by one."""
+    the EMA, and the older directions shift by one. With ``stride > 1`` the basis is
+    frozen during a Predict phase: the identity."""
     size = coefs.shape[-1]
+    if stride > 1:
+        return jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), (coefs.shape[0], size, size))
     a = _shift(size, decay)
     return a[None, :, :size] + a[None, :, size:] * coefs[:, None, :]
 

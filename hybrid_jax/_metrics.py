@@ -30,6 +30,10 @@ skipped_updates        int32    real steps with a non-finite loss or gradient, n
 idle_steps             int32    predicted steps that applied nothing: the step before vetoed
                                 them (a non-finite step, a rollback, a non-finite prediction
                                 or a monitor warning; see ``hybrid_jax._phases``)
+cost_rejections        int32    rollbacks so far of Predict phases that passed
+                                ``verify_tolerance`` but lowered the loss by less than
+                                ``predict_cost_ratio`` times what the real steps they
+                                replaced were expected to (see ``HybridConfig``)
 divergence_events      int32    monitor events so far (all kinds)
 horizon_scale          float32  the monitor's shrink factor of the horizon, in (0, 1]
 bandit_arm             int32    arm whose reward was learned at this step (-1: none)
@@ -64,6 +68,7 @@ METRIC_NAMES = (
     "rollbacks",
     "skipped_updates",
     "idle_steps",
+    "cost_rejections",
     "divergence_events",
     "horizon_scale",
     "bandit_arm",
@@ -101,6 +106,7 @@ def metrics(state: HybridState) -> dict[str, jax.Array]:
         "rollbacks": c.rollbacks,
         "skipped_updates": c.skipped_updates,
         "idle_steps": c.idle_steps,
+        "cost_rejections": c.cost_rejections,
         "divergence_events": jnp.sum(state.monitor.events),
         "horizon_scale": state.horizon_scale,
         "bandit_arm": last.arm,

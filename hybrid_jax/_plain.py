@@ -52,6 +52,7 @@ def plain_metrics(step: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
         "rollbacks": zero,
         "skipped_updates": zero,
         "idle_steps": zero,
+        "cost_rejections": zero,
         "divergence_events": zero,
         "horizon_scale": jnp.ones((), jnp.float32),
         "bandit_arm": jnp.full((), -1, jnp.int32),

@@ -48,7 +48,7 @@ def propose(setup: S.Setup, state: HybridState, *, first: jax.Array | bool) -> P
     one_step, dlog = S.corrected(setup, state, p)
     return Proposal(
         coefs=jnp.einsum("gb,gbc->gc", one_step, transport),
-        step_map=_basis.transition(one_step, cfg.basis.ema_decay),
+        step_map=_basis.transition(one_step, cfg.basis.ema_decay, cfg.basis.stride),
         transport=transport,
         dlog=dlog,
         dynamics=dynamics,

@@ -13,7 +13,10 @@ functions over a fixed-shape pytree state:
 
 Coefficients are *one-step*: ``update_{t+1} = sum_b coefs[g, b] * basis_t[b]``. Over a
 Predict phase the library composes them through the virtual basis (``_basis.transition``),
-so a predictor never needs to know how many steps ago the real basis was frozen.
+so a predictor never needs to know how many steps ago the real basis was frozen. With
+``BasisSettings.stride > 1`` the basis is frozen instead (the transition is the
+identity): coefficients are each predicted step's update over it
+(``hybrid_jax._trajectory``).
 """
 
 from __future__ import annotations
@@ -77,12 +80,14 @@ class Predictor(NamedTuple):
 
 
 def _fixed(name: str, logical_index: int, doc: str) -> Callable[[], Predictor]:
-    """A predictor whose coefficients are one fixed basis direction (its state)."""
+    """A predictor whose coefficients are one fixed basis direction (its state), over
+    ``S = BasisSettings.stride`` (a direction spans ``S`` real steps)."""
 
     def factory() -> Predictor:
         def init(spec: PredictorSpec) -> PyTree:
+            stride = getattr(getattr(spec.config, "basis", None), "stride", 1)
             coefs = jnp.zeros((spec.n_groups, spec.basis_size), jnp.float32)
-            return coefs.at[:, logical_index].set(1.0)
+            return coefs.at[:, logical_index].set(1.0 / stride)
 
         def observe(state: PyTree, obs: Observation) -> PyTree:
             del obs
@@ -103,7 +108,9 @@ def _fixed(name: str, logical_index: int, doc: str) -> Callable[[], Predictor]:
 last_update = _fixed(
     "last_update",
     0,
-    """Repeats the last real update on every predicted step.
+    """Repeats the last real update on every predicted step (with
+    ``BasisSettings.stride = S > 1``: the last displacement over ``S``, the mean real
+    update of its ``S`` steps).
 
     Confidence: the running cosine between consecutive real updates.
 
@@ -116,7 +123,8 @@ extrapolate = _fixed(
     "extrapolate",
     1,
     """Extrapolates the parameter trajectory linearly with its smoothed velocity:
-    every predicted step applies the EMA of real updates.
+    every predicted step applies the EMA of real updates (over ``S`` with
+    ``BasisSettings.stride = S > 1``).
 
     Confidence: the running cosine between each real update and the EMA before it.
 
@@ -137,4 +145,8 @@ def builtin(config: Any) -> Predictor:
         return last_update()
     if name == "extrapolate":
         return extrapolate()
+    if name in ("linefit", "snoo"):
+        from . import _trajectory
+
+        return getattr(_trajectory, name)()
     raise ValueError(f"unknown predictor {name!r}")

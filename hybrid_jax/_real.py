@@ -220,4 +220,5 @@ def _real_counters(c: Counters, verify: bool, measured: bool, observe: bool, che
         verifications=c.verifications + int(verify),
         rollbacks=c.rollbacks + i32(check.rollback),
         skipped_updates=c.skipped_updates + i32(check.skip),
+        cost_rejections=c.cost_rejections + i32(check.short & check.rollback),
     )

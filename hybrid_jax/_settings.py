@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from ._checks import check_type, plain, positive, require, unit, unknown
 
-Predictors = Literal["last_update", "extrapolate", "rssm"]
+Predictors = Literal["last_update", "extrapolate", "rssm", "linefit", "snoo"]
 HorizonPolicies = Literal["fixed", "confidence", "bandit"]
 ScheduleSteps = Literal["global", "real"]
 BasisDtypes = Literal["float32", "bfloat16", "params"]
@@ -74,6 +74,13 @@ class BasisSettings(_Settings):
       sketch_stride: a real step's inner products read every this-many-th row of each
         leaf with that many rows (scaled up to the whole leaf); 1 reads everything. The
         gradient norm, and so the non-finite check, always reads every element.
+      stride: real steps per direction (>= 1). With ``S > 1`` each direction is the
+        displacement over ``S`` real steps (the sum of their updates, kept in one more
+        parameter-sized buffer until it is pushed), the EMA starts from zero, and the
+        basis is frozen during a Predict phase: a predictor gives each predicted step's
+        update directly as coefficients over it (the trajectory predictors of
+        ``hybrid_jax.predictors`` need this). Needs every real step observed
+        (``observe_every <= 2``).
     """
 
     size: int = 2
@@ -82,6 +89,7 @@ class BasisSettings(_Settings):
     coef_groups: CoefGroups = "leaf"
     fit_ridge: float = 1e-6
     sketch_stride: int = 1
+    stride: int = 1
 
     def validate(self) -> None:
         n = "BasisSettings"
@@ -89,6 +97,7 @@ class BasisSettings(_Settings):
         unit(n, "ema_decay", self.ema_decay)
         positive(n, "fit_ridge", self.fit_ridge)
         require(n, "sketch_stride", self.sketch_stride, self.sketch_stride >= 1, "must be >= 1")
+        require(n, "stride", self.stride, self.stride >= 1, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, init=False)

@@ -15,6 +15,7 @@ import optax
 
 from . import _bandit, _basis, _encoder, _monitor, _phases, _residuals
 from ._predictors import Observation, PredictContext, Prediction, Predictor
+from ._schedules import at_step
 from ._state import HybridState
 from .config import (
     CONFIDENCE_EMA_DECAY,
@@ -108,6 +109,26 @@ class Check(NamedTuple):
     drop: jax.Array  # skip or rollback: the optimizer's update is not applied
     verdict: _monitor.Verdict
     monitor: _monitor.MonitorState
+    short: jax.Array  # the phase passed the guard but not the cost rule
+
+
+def expected_decrease(snapshot_loss: jax.Array, trend: jax.Array, h: jax.Array) -> jax.Array:
+    """The loss decrease ``h`` real steps from ``snapshot_loss`` were expected to make:
+    ``snapshot_loss * (1 - exp(h * min(trend, 0)))``, with ``trend`` the running
+    per-real-step change of the log loss level (0 where it is not negative)."""
+    rate = jnp.minimum(jnp.asarray(trend, jnp.float32), 0.0)
+    return snapshot_loss * -jnp.expm1(jnp.asarray(h, jnp.float32) * rate)
+
+
+def pays(cfg: HybridConfig, state: HybridState, snapshot_loss, loss) -> jax.Array:
+    """The cost rule: the Predict phase that ended (``state.last.horizon`` steps, its
+    planned length) lowered the loss by at least ``predict_cost_ratio`` times what as
+    many real steps were expected to (where nothing was expected: it did not raise it).
+    Always true with ``predict_cost_ratio == 0``."""
+    if cfg.predict_cost_ratio == 0:
+        return jnp.asarray(True)
+    expected = expected_decrease(snapshot_loss, state.stats.log_loss_trend, state.last.horizon)
+    return snapshot_loss - loss >= cfg.predict_cost_ratio * expected
 
 
 def check(
@@ -121,11 +142,17 @@ def check(
     verifying: bool,
     predicted_loss: jax.Array,
 ) -> Check:
-    """Non-finite guard, verification of the Predict phase that ended, monitor."""
+    """Non-finite guard, verification of the Predict phase that ended, monitor.
+
+    A phase is accepted when the loss at the new parameters is within
+    ``verify_tolerance`` of the snapshot's (the guard) and the cost rule holds (``pays``).
+    """
     loss_ok = jnp.isfinite(loss) if loss_given else jnp.asarray(True)
     skip = ~(loss_ok & jnp.isfinite(grad_norm))
     tolerated = (1.0 + setup.cfg.verify_tolerance) * snapshot_loss
-    accepted = verifying & jnp.isfinite(snapshot_loss) & loss_ok & (loss <= tolerated)
+    guarded = verifying & jnp.isfinite(snapshot_loss) & loss_ok & (loss <= tolerated)
+    paid = pays(setup.cfg, state, snapshot_loss, loss)
+    accepted = guarded & paid
     monitor, verdict = _monitor.observe_real(
         state.monitor, setup.monitor, loss=loss, grad_norm=grad_norm, predicted_loss=predicted_loss
     )
@@ -133,30 +160,15 @@ def check(
         rollback = state.snapshot_valid & (~accepted | verdict.rollback)
     else:
         rollback = jnp.asarray(False)
-    return Check(skip, jnp.asarray(accepted), rollback, skip | rollback, verdict, monitor)
-
-
-_SCHEDULE_STATES = (
-    optax.ScaleByScheduleState,
-    optax.InjectHyperparamsState,
-    optax.InjectStatefulHyperparamsState,
-)
-
-
-def at_step(inner_state: PyTree, step: jax.Array) -> PyTree:
-    """``inner_state`` with the step count of every schedule in it (``scale_by_schedule``,
-    ``inject_hyperparams``) set to ``step``; other counts (Adam's, for its bias
-    correction) are left alone."""
-
-    def fix(node: Any) -> Any:
-        if not isinstance(node, _SCHEDULE_STATES):
-            return node
-        node = node._replace(count=jnp.asarray(step, jnp.result_type(node.count)))
-        if hasattr(node, "inner_state"):
-            node = node._replace(inner_state=at_step(node.inner_state, step))
-        return node
-
-    return jax.tree.map(fix, inner_state, is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES))
+    return Check(
+        skip=skip,
+        accepted=jnp.asarray(accepted),
+        rollback=rollback,
+        drop=skip | rollback,
+        verdict=verdict,
+        monitor=monitor,
+        short=jnp.asarray(guarded & ~paid),
+    )
 
 
 def apply_inner(
@@ -285,7 +297,9 @@ def learn(
     """Basis, encoder, predictor, residuals and corrector learn from an observed step."""
     cfg = setup.cfg
     norm = jnp.sqrt(jnp.sum(f.gram.uu))
-    basis = _basis.push(state.basis, updates, f.gram, cfg.basis.ema_decay, keep=~drop)
+    basis = _basis.push(
+        state.basis, updates, f.gram, cfg.basis.ema_decay, keep=~drop, stride=cfg.basis.stride
+    )
     enc, feats, gap = features(
         setup, state, f, lv, loss=loss, grad_norm=grad_norm, inner_state=inner_state, norm=norm
     )

@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,19 +187,13 @@ def train(
       memory: sampled at every fetch; its emergency triggers a checkpoint.
       progress: show a progress bar (tqdm when installed, else a line per fetch).
       desc: label of the progress bar.
-      stepping: how a hybrid steps: ``"dispatched"`` (``make_dispatched_step``: one
-        program per kind of step, chosen on the host a step ahead; the default, as fast
-        as a plain optax step on the CPU and faster on a GPU) or ``"cond"``
-        (``make_hybrid_step``: one ``lax.switch`` on the device). Both take the same
-        steps and reach the same parameters.
+      stepping: ``"dispatched"`` (``make_dispatched_step``, the default: as fast as a
+        plain optax step on the CPU) or ``"cond"`` (``make_hybrid_step``); same steps.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is not used.
-      max_nonfinite_steps: a hybrid skips a step whose loss or gradient is NaN or Inf
-        (its update is not applied) and holds back a non-finite predicted update; a
-        plain optax optimizer applies whatever its loss gives. The first non-finite step
-        and, at the end, their count are reported by an ``hj.NonfiniteWarning``. After
-        this many of them in a row (no finite real step between them), seen at a fetch
-        of the metrics, the run stops with a ``FloatingPointError`` naming the step.
-        ``None``: never stop.
+      max_nonfinite_steps: non-finite steps (skipped by a hybrid, applied by a plain
+        optax optimizer) are reported by ``hj.NonfiniteWarning``s; after this many in a
+        row (seen at a fetch) the run stops with a ``FloatingPointError`` naming the
+        step. ``None``: never stop.
       stop: called after each step; ``True`` (e.g. a Ctrl-C handler's flag) makes the
         run fetch its metrics, checkpoint and return with ``stopped=True``.
 
@@ -207,9 +201,7 @@ def train(
       A ``TrainResult``.
     """
     _check_args(steps=steps, sync_every=sync_every, eval_every=eval_every)
-    check_max_steps(max_nonfinite_steps)
-    if (err := donated_error("hj.train", params, state, fix=TRAIN_FIX)) is not None:
-        raise err
+    _check_inputs(params, state, max_nonfinite_steps)
     result, clock = _start(
         tx, params, state, checkpointer=checkpointer, resume=resume, desc=desc, steps=steps
     )
@@ -221,24 +213,20 @@ def train(
     watch = NonfiniteWatch.starting_at(max_nonfinite_steps, result.state)
     callbacks = (*callbacks, watch)
     flush = functools.partial(_flush, result=result, callbacks=callbacks, memory=memory, bar=bar)
-    _step_loop(
-        make_train_step(loss_fn, tx, stepping=stepping, has_aux=has_aux),
-        data(start),
-        plain=plain,
-        steps=steps,
-        sync_every=sync_every,
-        eval_fn=eval_fn,
-        eval_every=eval_every,
-        checkpointer=checkpointer,
-        flush=flush,
-        result=result,
-        clock=clock,
-        stop=stop,
-    )
+    when = _When(steps, sync_every, eval_fn, eval_every, checkpointer, stop)
+    step_fn = make_train_step(loss_fn, tx, stepping=stepping, has_aux=has_aux)
+    _step_loop(step_fn, data(start), when, plain=plain, flush=flush, result=result, clock=clock)
     bar(None, 0)
     watch.finish()
     result.memory = memory.summary() if memory is not None else None
     return result
+
+
+def _check_inputs(params: PyTree, state: Any, max_nonfinite_steps: int | None) -> None:
+    """Raises where ``max_nonfinite_steps`` is invalid or an input was donated before."""
+    check_max_steps(max_nonfinite_steps)
+    if (err := donated_error("hj.train", params, state, fix=TRAIN_FIX)) is not None:
+        raise err
 
 
 def _check_args(*, steps: int, sync_every: int, eval_every: int) -> None:
@@ -292,20 +280,26 @@ def _start(
     return result, TrainingClock(extra.get("time", 0.0))
 
 
+class _When(NamedTuple):
+    """When the step loop stops, fetches, evaluates and checkpoints (``train``'s args)."""
+
+    steps: int
+    sync_every: int
+    eval_fn: Callable[[PyTree], Any] | None
+    eval_every: int
+    checkpointer: Checkpointer | None
+    stop: Callable[[], bool] | None
+
+
 def _step_loop(
     step_fn: Callable[..., tuple[PyTree, Any, jax.Array]],
     batches: Iterator[Any],
+    when: _When,
     *,
     plain: bool,
-    steps: int,
-    sync_every: int,
-    eval_fn: Callable[[PyTree], Any] | None,
-    eval_every: int,
-    checkpointer: Checkpointer | None,
     flush: Callable[..., bool],
     result: TrainResult,
     clock: TrainingClock,
-    stop: Callable[[], bool] | None,
 ) -> None:
     """Runs steps ``result.start_step .. steps - 1`` from ``result.params`` and
     ``result.state``, and leaves the params and optimizer state after them there.
@@ -316,6 +310,7 @@ def _step_loop(
     ``checkpointer.every`` steps, after the last step and on a stop. ``clock`` times the
     rows; it stands still during evaluations and checkpoints.
     """
+    steps, sync_every, eval_fn, eval_every, checkpointer, stop = when
     start, params, state = result.start_step, result.params, result.state
     carry = (state, jnp.asarray(start, jnp.int32)) if plain else state
     pending: _Pending = []

@@ -70,7 +70,9 @@ def predictive(
 
     Safety: a Predict phase starts from a snapshot of the parameters; the first real
     step after it compares the loss at the snapshot and at the new parameters on the
-    same batch and rolls back beyond ``verify_tolerance``. A divergence monitor watches
+    same batch and rolls it back unless it lowered the loss by ``predict_cost_ratio``
+    times what the real steps it replaced were expected to, within ``verify_tolerance``
+    (see ``HybridConfig``). A divergence monitor watches
     every step. A predicted update never makes a parameter non-finite; a real step
     whose loss or gradient is non-finite is not applied.
 
@@ -126,7 +128,7 @@ def init(setup: S.Setup, params: PyTree) -> HybridState:
         phase=_phases.init(cfg),
         pending=_phases.init_pending(),
         step=i32(0),
-        basis=_basis.init(params, size, cfg.basis.dtype, lay.n_groups),
+        basis=_basis.init(params, size, cfg.basis.dtype, lay.n_groups, cfg.basis.stride),
         transport=jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), (lay.n_groups, size, size)),
         encoder=_encoder.init(size),
         dynamics=setup.pred.init(PredictorSpec(lay.n_groups, size, cfg)),

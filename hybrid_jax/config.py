@@ -72,14 +72,31 @@ class HybridConfig(_Settings):
         ``"bandit"`` (LinUCB over ``bandit.horizons``); every horizon is multiplied by
         the horizon scale (see ``horizon_shrink``).
       confidence_threshold: smallest confidence, in [0, 1], that starts a Predict phase.
-      predictor: ``"last_update"``, ``"extrapolate"`` or ``"rssm"`` (a custom
-        ``hj.Predictor`` can be passed to ``hj.predictive`` instead).
+      predictor: ``"last_update"``, ``"extrapolate"``, ``"rssm"``, ``"linefit"`` or
+        ``"snoo"`` (``hybrid_jax.predictors``, default arguments; ``"linefit"`` needs
+        ``basis=BasisSettings(size=4, stride=S > 1)``); a custom ``hj.Predictor`` can be
+        passed to ``hj.predictive`` instead.
       observe_every: of every this many real steps (>= 1) the hybrid observes two in a
         row (learns from them); the others are the optimizer's step with the safety
         checks. A step that verifies a Predict phase, or that ends a phase after which
         one may start, is always observed. 1 and 2 observe every real step.
-      verify_tolerance: a Predict phase is rolled back when, on the real step after it,
-        ``loss(new) > (1 + verify_tolerance) * loss(snapshot)`` (>= 0).
+      verify_tolerance: a guard: a Predict phase is rolled back when, on the real step
+        after it, ``loss(new) > (1 + verify_tolerance) * loss(snapshot)`` (>= 0).
+      predict_cost_ratio: what a predicted step costs, the verification's share
+        included, as a fraction of a real step (>= 0). A Predict phase of ``h`` steps is
+        accepted only if, besides the guard, its loss decrease on the verifying batch
+        (one the prediction was not fitted on) is at least this times the decrease the
+        ``h`` real steps it replaced were expected to make:
+        ``loss(snapshot) - loss(new) >= predict_cost_ratio * loss(snapshot) *
+        (1 - exp(h * min(trend, 0)))``, where ``trend`` is the running per-real-step
+        change of the log loss level. Where the trend is not negative the phase must
+        not raise the loss; 0 switches the rule off (only the guard applies). The
+        default 0.25 is a measured cost on the high side: a predicted step costs
+        0.03-0.07 of a real step on a GPU and the verification's forward pass 0.16-0.33
+        (``benchmarks/step_cost.md``, ``benchmarks/ceiling.md``), i.e. 0.08-0.14 per
+        predicted step over phases of 15 and 4 steps and 0.4 for a single step; on
+        small CPU models a predicted step costs 0.25-0.7 of a real one. Rejections by
+        this rule are counted (metric ``cost_rejections``).
       monitor_every: during Predict, a forward pass every this many predicted steps
         for the monitor (0: never).
       horizon_shrink: factor of the horizon scale at each monitor caution and each
@@ -107,6 +124,7 @@ class HybridConfig(_Settings):
     predictor: Predictors = "last_update"
     observe_every: int = 1
     verify_tolerance: float = 0.02
+    predict_cost_ratio: float = 0.25
     monitor_every: int = 0
     horizon_shrink: float = 0.5
     correct_predictions: bool = False
@@ -137,9 +155,13 @@ class HybridConfig(_Settings):
         unit(n, "confidence_threshold", self.confidence_threshold, closed_top=True)
         tol = self.verify_tolerance
         require(n, "verify_tolerance", tol, math.isfinite(tol) and tol >= 0, "must be >= 0")
+        r = self.predict_cost_ratio
+        why = "must be finite and >= 0 (0 switches the cost rule off)"
+        require(n, "predict_cost_ratio", r, math.isfinite(r) and r >= 0, why)
         require(n, "monitor_every", self.monitor_every, self.monitor_every >= 0, "must be >= 0")
         x = self.horizon_shrink
         require(n, "horizon_shrink", x, math.isfinite(x) and 0 < x <= 1, "must be in (0, 1]")
+        self._validate_basis()
         if self.horizon_policy == "bandit":
             inside = all(self.min_horizon <= h <= self.max_horizon for h in self.bandit.horizons)
             require(
@@ -149,6 +171,21 @@ class HybridConfig(_Settings):
                 inside,
                 f"horizons must lie within [min_horizon, max_horizon] = "
                 f"[{self.min_horizon}, {self.max_horizon}]",
+            )
+
+    def _validate_basis(self) -> None:
+        stride = self.basis.stride
+        if stride > 1 and self.observe_every > 2:
+            raise ValueError(
+                f"HybridConfig: basis.stride {stride} sums every real update into its "
+                f"displacements, so it needs every real step observed: set "
+                f"observe_every <= 2 (got {self.observe_every}) or basis.stride = 1"
+            )
+        if self.predictor == "linefit" and (stride < 2 or self.basis.size < 4):
+            raise ValueError(
+                f"HybridConfig: predictor='linefit' (4 snapshots) needs a basis of "
+                f"displacements: basis=BasisSettings(size=4, stride=S) with S > 1; got "
+                f"size {self.basis.size}, stride {stride}"
             )
 
     # -- serialisation -----------------------------------------------------

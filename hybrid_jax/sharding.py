@@ -168,8 +168,9 @@ def state_shardings(tx: Any, params: PyTree, params_shardings: PyTree, mesh: Mes
       that shape are sharded differently, the leaf is replicated). Other leaves
       (counts, scalars, ...) are replicated.
     - ``basis.ema``: the parameters' shardings; ``basis.ring``: ``PartitionSpec(None,
-      *param_spec)`` per leaf (the leading ring axis whole on every device); the rest
-      of the basis is replicated.
+      *param_spec)`` per leaf (the leading ring axis whole on every device);
+      ``basis.acc.total`` (``stride > 1``): the parameters' shardings; the rest of the
+      basis is replicated.
     - ``snapshot``: the parameters' shardings.
     - everything else (phase machine, transport, encoder, predictor, statistics,
       counters, residuals, corrector, monitor, bandit): replicated.
@@ -185,18 +186,7 @@ def state_shardings(tx: Any, params: PyTree, params_shardings: PyTree, mesh: Mes
     Returns:
       A pytree of ``NamedSharding`` shaped like ``jax.eval_shape(tx.init, params)``.
     """
-    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
-    s_leaves, s_def = jax.tree.flatten(params_shardings)
-    if p_def != s_def:
-        raise ValueError(
-            f"state_shardings: params_shardings ({s_def}) is not shaped like params ({p_def})"
-        )
-    for s in s_leaves:
-        if not isinstance(s, NamedSharding):
-            raise ValueError(
-                f"state_shardings: params_shardings must hold NamedSharding "
-                f"leaves; got {type(s).__name__}"
-            )
+    p_leaves, s_leaves = _checked_leaves(params, params_shardings)
     abstract = jax.eval_shape(tx.init, params)
     rep = NamedSharding(mesh, PartitionSpec())
     by_path = {
@@ -230,9 +220,31 @@ def state_shardings(tx: Any, params: PyTree, params_shardings: PyTree, mesh: Mes
     )
     return out._replace(
         inner=inner_shardings(abstract.inner),
-        basis=out.basis._replace(ema=params_shardings, ring=ring),
+        basis=out.basis._replace(
+            ema=params_shardings,
+            ring=ring,
+            acc=None if out.basis.acc is None else out.basis.acc._replace(total=params_shardings),
+        ),
         snapshot=params_shardings,
     )
+
+
+def _checked_leaves(params: PyTree, params_shardings: PyTree) -> tuple[list, list]:
+    """``params``' leaves with their paths and ``params_shardings``' leaves, checked to
+    match and to be ``NamedSharding``s."""
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    s_leaves, s_def = jax.tree.flatten(params_shardings)
+    if p_def != s_def:
+        raise ValueError(
+            f"state_shardings: params_shardings ({s_def}) is not shaped like params ({p_def})"
+        )
+    for s in s_leaves:
+        if not isinstance(s, NamedSharding):
+            raise ValueError(
+                f"state_shardings: params_shardings must hold NamedSharding "
+                f"leaves; got {type(s).__name__}"
+            )
+    return p_leaves, s_leaves
 
 
 def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:

@@ -32,8 +32,9 @@ def quadratic_batches(n, seed=0):
     return [jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(n)]
 
 
-# The safety layer never changes the schedule: the monitor off, every phase accepted.
-SAFETY_OFF = dict(horizon_shrink=1.0, verify_tolerance=1e9, monitor=None)
+# The safety layer never changes the schedule: the monitor off, every phase accepted
+# (no tolerance, no cost rule).
+SAFETY_OFF = dict(horizon_shrink=1.0, verify_tolerance=1e9, predict_cost_ratio=0.0, monitor=None)
 
 
 def quadratic_run_until_predict(tx, n_batches):

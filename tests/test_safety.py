@@ -135,8 +135,16 @@ def harmful(digits_split):
         traces.append(1)  # runs only while tracing
         return tasks.mlp_loss(params, batch)
 
+    # verify_tolerance alone judges the phases here (the harmful ones fail it, the zero
+    # updates after the switch pass it); the cost rule would also reject the zero
+    # updates, which make no progress (tests/test_acceptance.py tests it)
     cfg = hj.HybridConfig(
-        warmup_steps=50, full_steps=10, correct_steps=3, max_horizon=4, confidence_threshold=0.0
+        warmup_steps=50,
+        full_steps=10,
+        correct_steps=3,
+        max_horizon=4,
+        confidence_threshold=0.0,
+        predict_cost_ratio=0.0,
     )
     tx = hj.predictive(optax.adamw(LR), cfg, predictor=harmful_predictor())
     step = hj.make_hybrid_step(loss_fn, tx)

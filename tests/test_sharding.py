@@ -57,6 +57,7 @@ EXACT_METRICS = {
     "rollbacks",
     "skipped_updates",
     "idle_steps",
+    "cost_rejections",
     "divergence_events",
     "bandit_arm",
 }

@@ -119,7 +119,8 @@ def _check(setup, state, loss, snap, verifying, grad_norm=1.0):
 
 
 def test_check_rolls_back_a_phase_worse_than_the_tolerance_and_skips_non_finite_steps():
-    setup, state, _ = _setup(verify_tolerance=0.02)
+    # the guard alone (the cost rule is tested below)
+    setup, state, _ = _setup(verify_tolerance=0.02, predict_cost_ratio=0.0)
     state = state._replace(snapshot_valid=T)
     assert not bool(_check(setup, state, 1.01, 1.0, True).rollback)  # within 2%
     c = _check(setup, state, 1.03, 1.0, True)
@@ -161,7 +162,7 @@ def test_plan_shrinks_the_horizon_at_a_rollback_and_grows_it_back_when_accepted(
     setup, state, _ = _setup(horizon_shrink=0.5, min_horizon=1, max_horizon=8)
     ln = _stages.unobserved(setup, state)
     calm = hj._monitor.calm()
-    c = _stages.Check(F, F, T, T, calm, state.monitor)
+    c = _stages.Check(F, F, T, T, calm, state.monitor, F)
     acc, trend = state.stats.accuracy, state.stats.log_loss_trend
     back = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
     assert float(back.scale) == 0.5 and int(back.horizon) == 4
@@ -232,3 +233,62 @@ def test_a_schedule_inside_the_optimizer_follows_the_global_step(schedule_steps)
         if isinstance(s, optax.ScaleByAdamState)
     ]
     assert int(adam[0].count) == real
+
+
+# -- the cost rule of the verification ----------------------------------------------------
+
+
+def _after_phase(state, trend, horizon):
+    """``state`` as on the real step after a Predict phase of ``horizon`` steps, with the
+    running per-real-step change of the log loss level ``trend``."""
+    return state._replace(
+        snapshot_valid=T,
+        stats=state.stats._replace(log_loss_trend=jnp.float32(trend)),
+        last=state.last._replace(horizon=jnp.int32(horizon)),
+    )
+
+
+def test_expected_decrease_is_what_h_real_steps_at_the_trend_make():
+    got = _stages.expected_decrease(jnp.float32(2.0), jnp.float32(-0.01), jnp.int32(4))
+    assert np.isclose(float(got), 2.0 * (1.0 - np.exp(-0.04)), rtol=1e-6)
+    # a rising or flat loss level expects nothing
+    assert float(_stages.expected_decrease(jnp.float32(2.0), jnp.float32(0.3), 4)) == 0.0
+
+
+def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced():
+    setup, state, _ = _setup(verify_tolerance=0.02, predict_cost_ratio=0.25)
+    snap, trend, h = 2.0, -0.01, 4
+    required = 0.25 * snap * (1.0 - np.exp(h * trend))  # ~0.0196
+    state = _after_phase(state, trend, h)
+    c = _check(setup, state, snap - required * 1.001, snap, True)
+    assert bool(c.accepted) and not bool(c.rollback) and not bool(c.short)
+    c = _check(setup, state, snap - required * 0.999, snap, True)  # just short: rejected
+    assert not bool(c.accepted) and bool(c.rollback) and bool(c.drop) and bool(c.short)
+    # within the tolerance, but no progress: rejected by the cost rule
+    assert bool(_check(setup, state, snap * 1.01, snap, True).short)
+    # beyond the tolerance: rejected by the guard (not counted as a cost rejection)
+    c = _check(setup, state, snap * 1.03, snap, True)
+    assert bool(c.rollback) and not bool(c.short)
+    # a longer phase must buy more
+    longer = _after_phase(state, trend, 3 * h)
+    assert bool(_check(setup, longer, snap - required * 1.001, snap, True).rollback)
+    # only verifying steps are judged
+    assert not bool(_check(setup, state, snap * 1.01, snap, False).rollback)
+
+
+def test_without_expected_progress_a_phase_must_not_raise_the_loss():
+    setup, state, _ = _setup(verify_tolerance=0.02, predict_cost_ratio=0.25)
+    for trend in (0.0, 0.05):  # a flat or rising loss level: nothing expected
+        s = _after_phase(state, trend, 4)
+        assert bool(_check(setup, s, 1.0, 1.0, True).accepted)
+        c = _check(setup, s, 1.001, 1.0, True)
+        assert bool(c.rollback) and bool(c.short)  # within 2%, but the loss went up
+        assert bool(_check(setup, s, 1.03, 1.0, True).rollback)
+
+
+def test_a_cost_ratio_of_zero_leaves_only_the_guard():
+    setup, state, _ = _setup(verify_tolerance=0.02, predict_cost_ratio=0.0)
+    falling = _after_phase(state, -0.05, 4)
+    c = _check(setup, falling, 1.01, 1.0, True)
+    assert bool(c.accepted) and not bool(c.short)
+    assert bool(_check(setup, falling, 1.03, 1.0, True).rollback)

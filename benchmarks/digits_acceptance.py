@@ -1,0 +1,162 @@
+"""The cost rule and the trajectory predictors on scikit-learn digits (CPU).
+
+    python benchmarks/digits_acceptance.py [--steps 1200] [--seeds 3] [--out FILE]
+
+For each learning rate and seed, every arm trains the digits MLP for ``--steps`` steps
+with the same initialisation and data order; plain AdamW runs once per (lr, seed) and
+its held-out loss is recorded after every number of steps an arm needs. Printed per arm:
+the share of backward passes skipped, accepted / verified Predict phases, rejections by
+the cost rule, and the ratio of mean held-out losses to AdamW after the same number of
+steps (``equal steps``) and after as many steps as the arm ran backward passes
+(``equal backward``: the hybrid's predicted steps against nothing).
+
+Arms: ``default`` (``HybridConfig()``, ``predict_cost_ratio`` 0.25), ``default-ratio0``
+(acceptance by ``verify_tolerance`` alone), and ``last_update``, ``linefit``, ``snoo`` on
+one schedule (warmup 100, Full 20, Correct 5, horizon 8, ``confidence_threshold`` 0, so
+that every predictor gets the same chances; the trajectory predictors with
+``BasisSettings(size=4, stride=8)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import environment
+
+import hybrid_jax as hj
+from hybrid_jax import tasks
+
+SCHEDULE = dict(
+    warmup_steps=100, full_steps=20, correct_steps=5, max_horizon=8, confidence_threshold=0.0
+)
+TRAJECTORY = hj.BasisSettings(size=4, stride=8)
+
+
+def arms() -> dict[str, hj.HybridConfig]:
+    return {
+        "default": hj.HybridConfig(),
+        "default-ratio0": hj.HybridConfig(predict_cost_ratio=0.0),
+        "last_update": hj.HybridConfig(predictor="last_update", **SCHEDULE),
+        "linefit": hj.HybridConfig(predictor="linefit", basis=TRAJECTORY, **SCHEDULE),
+        "snoo": hj.HybridConfig(predictor="snoo", basis=TRAJECTORY, **SCHEDULE),
+    }
+
+
+def held_out(split, params) -> float:
+    return float(tasks.mlp_loss(params, (split.x_test, split.y_test)))
+
+
+def hybrid_run(split, lr, cfg, steps, seed) -> dict:
+    def data(start):
+        return tasks.batches(split.x_train, split.y_train, 64, seed=seed, start=start)
+
+    tx = hj.predictive(optax.adamw(lr), cfg)
+    res = hj.train(
+        tasks.mlp_loss,
+        tx,
+        tasks.mlp_init(jax.random.key(seed)),
+        data,
+        steps=steps,
+        sync_every=steps,
+        progress=False,
+    )
+    c = jax.device_get(res.state.counters)
+    rows = res.rows
+    verified = sum(r["verified"] for r in rows)
+    return dict(
+        loss=held_out(split, res.params),
+        backward=int(c.backward_passes),
+        verified=int(verified),
+        accepted=int(verified - sum(r["rolled_back"] and r["verified"] for r in rows)),
+        cost_rejections=int(c.cost_rejections),
+    )
+
+
+def adamw_curve(split, lr, steps, seed, at: set[int]) -> dict[int, float]:
+    tx = optax.adamw(lr)
+
+    @jax.jit
+    def step(params, state, batch):
+        grads = jax.grad(tasks.mlp_loss)(params, batch)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = tasks.mlp_init(jax.random.key(seed))
+    state = tx.init(params)
+    stream = tasks.batches(split.x_train, split.y_train, 64, seed=seed)
+    out = {}
+    for i in range(1, steps + 1):
+        params, state = step(params, state, next(stream))
+        if i in at:
+            out[i] = held_out(split, params)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lrs", default="3e-4,1e-3")
+    ap.add_argument("--arms", default=",".join(arms()))
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    split = tasks.digits(0)
+    configs = {k: v for k, v in arms().items() if k in args.arms.split(",")}
+    rows = []
+    print(
+        f"{'lr':>7} {'arm':>17} {'skipped':>8} {'acc/ver':>8} {'cost rej':>8} "
+        f"{'equal steps':>11} {'equal backward':>14}"
+    )
+    for lr in map(float, args.lrs.split(",")):
+        runs = {name: [] for name in configs}
+        for seed in range(args.seeds):
+            for name, cfg in configs.items():
+                runs[name].append(hybrid_run(split, lr, cfg, args.steps, seed))
+        base = []
+        for seed in range(args.seeds):
+            at = {args.steps} | {runs[n][seed]["backward"] for n in configs}
+            base.append(adamw_curve(split, lr, args.steps, seed, at))
+        for name, rs in runs.items():
+            hyb = [r["loss"] for r in rs]
+            eq_steps = np.mean(hyb) / np.mean([b[args.steps] for b in base])
+            eq_back = np.mean(hyb) / np.mean(
+                [b[r["backward"]] for b, r in zip(base, rs, strict=True)]
+            )
+            skipped = 1.0 - np.mean([r["backward"] for r in rs]) / args.steps
+            acc, ver = sum(r["accepted"] for r in rs), sum(r["verified"] for r in rs)
+            rej = sum(r["cost_rejections"] for r in rs)
+            print(
+                f"{lr:7.0e} {name:>17} {skipped:8.3f} {acc:>4}/{ver:<3} {rej:8d} "
+                f"{eq_steps:11.3f} {eq_back:14.3f}",
+                flush=True,
+            )
+            rows.append(
+                dict(
+                    lr=lr,
+                    arm=name,
+                    skipped=skipped,
+                    accepted=acc,
+                    verified=ver,
+                    cost_rejections=rej,
+                    equal_steps=eq_steps,
+                    equal_backward=eq_back,
+                    runs=rs,
+                    adamw=[{str(k): v for k, v in b.items()} for b in base],
+                    steps=args.steps,
+                )
+            )
+    print(json.dumps(environment()))
+    if args.out:
+        Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
