@@ -44,6 +44,10 @@ def arms() -> dict[str, hj.HybridConfig]:
     return {
         "default": hj.HybridConfig(),
         "default-ratio0": hj.HybridConfig(predict_cost_ratio=0.0),
+        "ratio1": hj.HybridConfig(predict_cost_ratio=1.0),
+        "ratio1-h4": hj.HybridConfig(predict_cost_ratio=1.0, max_horizon=4),
+        "ratio0.5-h4": hj.HybridConfig(predict_cost_ratio=0.5, max_horizon=4),
+        "ratio1-h4-obs8": hj.HybridConfig(predict_cost_ratio=1.0, max_horizon=4, observe_every=8),
         "last_update": hj.HybridConfig(predictor="last_update", **SCHEDULE),
         "linefit": hj.HybridConfig(predictor="linefit", basis=TRAJECTORY, **SCHEDULE),
         "snoo": hj.HybridConfig(predictor="snoo", basis=TRAJECTORY, **SCHEDULE),

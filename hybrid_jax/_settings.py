@@ -253,7 +253,7 @@ class BanditSettings(_Settings):
         (in units of the recent per-real-step progress) per unit of cost.
     """
 
-    horizons: tuple[int, ...] = (2, 4, 8, 15)
+    horizons: tuple[int, ...] = (1, 2, 3, 4)
     alpha: float = 1.0
     discount: float = 0.98
     ridge: float = 1.0

@@ -79,7 +79,10 @@ class HybridConfig(_Settings):
       observe_every: of every this many real steps (>= 1) the hybrid observes two in a
         row (learns from them); the others are the optimizer's step with the safety
         checks. A step that verifies a Predict phase, or that ends a phase after which
-        one may start, is always observed. 1 and 2 observe every real step.
+        one may start, is always observed. 1 and 2 observe every real step. The default
+        8 keeps a run's cost within 3% of the wrapped optimizer's on the GPU LM (an
+        observed real step costs 4.5% more than an AdamW step there;
+        ``benchmarks/end_to_end.md``).
       verify_tolerance: a guard: a Predict phase is rolled back when, on the real step
         after it, ``loss(new) > (1 + verify_tolerance) * loss(snapshot)`` (>= 0).
       predict_cost_ratio: what a predicted step costs, the verification's share
@@ -91,12 +94,13 @@ class HybridConfig(_Settings):
         (1 - exp(h * min(trend, 0)))``, where ``trend`` is the running per-real-step
         change of the log loss level. Where the trend is not negative the phase must
         not raise the loss; 0 switches the rule off (only the guard applies). The
-        default 0.25 is a measured cost on the high side: a predicted step costs
-        0.03-0.07 of a real step on a GPU and the verification's forward pass 0.16-0.33
-        (``benchmarks/step_cost.md``, ``benchmarks/ceiling.md``), i.e. 0.08-0.14 per
-        predicted step over phases of 15 and 4 steps and 0.4 for a single step; on
-        small CPU models a predicted step costs 0.25-0.7 of a real one. Rejections by
-        this rule are counted (metric ``cost_rejections``).
+        default 1.0 asks a phase for as much as the real steps it replaced did: with
+        ``max_horizon=4`` it is the setting measured safest on the digits MLP
+        (``benchmarks/digits_quality.md``). The measured costs would allow less where
+        prediction pays: a predicted step costs 0.03-0.07 of a real step on a GPU and
+        the verification's forward pass 0.16-0.33 (``benchmarks/step_cost.md``), i.e.
+        0.08-0.14 per predicted step over phases of 15 and 4 steps; on small CPU models
+        0.25-0.7. Rejections by this rule are counted (metric ``cost_rejections``).
       monitor_every: during Predict, a forward pass every this many predicted steps
         for the monitor (0: never).
       horizon_shrink: factor of the horizon scale at each monitor caution and each
@@ -118,13 +122,13 @@ class HybridConfig(_Settings):
     correct_steps: int = 5
     max_consecutive_predicts: int = 5
     min_horizon: int = 1
-    max_horizon: int = 15
+    max_horizon: int = 4
     horizon_policy: HorizonPolicies = "fixed"
     confidence_threshold: float = 0.85
     predictor: Predictors = "last_update"
-    observe_every: int = 1
+    observe_every: int = 8
     verify_tolerance: float = 0.02
-    predict_cost_ratio: float = 0.25
+    predict_cost_ratio: float = 1.0
     monitor_every: int = 0
     horizon_shrink: float = 0.5
     correct_predictions: bool = False

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_p
 
 import hybrid_jax as hj
 from hybrid_jax import _cli, _clock, _job
+from hybrid_jax.config import Predictors
 
 CLI = [sys.executable, "-m", "hybrid_jax"]
 
@@ -62,7 +64,7 @@ def test_every_flag_has_help_and_help_shows_the_defaults():
         "(default: 0.001)",
         "(default: 64)",
         "--stepping {dispatched,cond}",
-        "--predictor {last_update,extrapolate,rssm}",
+        "--predictor {" + ",".join(typing.get_args(Predictors)) + "}",
         "--print-config",
         "(default: dispatched)",
     ):

@@ -85,7 +85,7 @@ def test_cross_field_checks():
     with pytest.raises(ValueError, match=r"max_horizon.*min_horizon"):
         hj.HybridConfig(min_horizon=5, max_horizon=4)
     with pytest.raises(ValueError, match=r"HybridConfig\.bandit.*within \[min_horizon"):
-        hj.HybridConfig(horizon_policy="bandit", max_horizon=4, bandit=hj.BanditSettings())
+        hj.HybridConfig(horizon_policy="bandit", max_horizon=3, bandit=hj.BanditSettings())
 
 
 def test_config_is_frozen_and_replace_validates():
