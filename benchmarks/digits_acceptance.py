@@ -10,10 +10,11 @@ the cost rule, and the ratio of mean held-out losses to AdamW after the same num
 steps (``equal steps``) and after as many steps as the arm ran backward passes
 (``equal backward``: the hybrid's predicted steps against nothing).
 
-Arms: ``default`` (``HybridConfig()``, ``predict_cost_ratio`` 0.25), ``default-ratio0``
-(acceptance by ``verify_tolerance`` alone), and ``last_update``, ``linefit``, ``snoo`` on
-one schedule (warmup 100, Full 20, Correct 5, horizon 8, ``confidence_threshold`` 0, so
-that every predictor gets the same chances; the trajectory predictors with
+Arms: ``default`` (``HybridConfig()``); ``ratioR-hH``, the earlier defaults (every real
+step observed) with ``predict_cost_ratio`` R and ``max_horizon`` H (``ratio0``: acceptance
+by ``verify_tolerance`` alone); and ``last_update``, ``linefit``, ``snoo`` on one schedule
+(warmup 100, Full 20, Correct 5, horizon 8, ``confidence_threshold`` 0, cost ratio 0.25,
+so that every predictor gets the same chances; the trajectory predictors with
 ``BasisSettings(size=4, stride=8)``).
 """
 
@@ -35,19 +36,30 @@ import hybrid_jax as hj
 from hybrid_jax import tasks
 
 SCHEDULE = dict(
-    warmup_steps=100, full_steps=20, correct_steps=5, max_horizon=8, confidence_threshold=0.0
+    warmup_steps=100,
+    full_steps=20,
+    correct_steps=5,
+    max_horizon=8,
+    confidence_threshold=0.0,
+    predict_cost_ratio=0.25,
+    observe_every=1,
 )
 TRAJECTORY = hj.BasisSettings(size=4, stride=8)
+# The defaults before they were chosen: cost ratio 0.25, horizon 15, every real step observed.
+EARLIER = dict(predict_cost_ratio=0.25, max_horizon=15, observe_every=1)
 
 
 def arms() -> dict[str, hj.HybridConfig]:
+    def earlier(**changes):
+        return hj.HybridConfig(**{**EARLIER, **changes})
+
     return {
         "default": hj.HybridConfig(),
-        "default-ratio0": hj.HybridConfig(predict_cost_ratio=0.0),
-        "ratio1": hj.HybridConfig(predict_cost_ratio=1.0),
-        "ratio1-h4": hj.HybridConfig(predict_cost_ratio=1.0, max_horizon=4),
-        "ratio0.5-h4": hj.HybridConfig(predict_cost_ratio=0.5, max_horizon=4),
-        "ratio1-h4-obs8": hj.HybridConfig(predict_cost_ratio=1.0, max_horizon=4, observe_every=8),
+        "ratio0.25-h15": earlier(),
+        "ratio0-h15": earlier(predict_cost_ratio=0.0),
+        "ratio1-h15": earlier(predict_cost_ratio=1.0),
+        "ratio1-h4": earlier(predict_cost_ratio=1.0, max_horizon=4),
+        "ratio0.5-h4": earlier(predict_cost_ratio=0.5, max_horizon=4),
         "last_update": hj.HybridConfig(predictor="last_update", **SCHEDULE),
         "linefit": hj.HybridConfig(predictor="linefit", basis=TRAJECTORY, **SCHEDULE),
         "snoo": hj.HybridConfig(predictor="snoo", basis=TRAJECTORY, **SCHEDULE),

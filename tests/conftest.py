@@ -52,8 +52,10 @@ def quadratic_run_until_predict(tx, n_batches):
 
 
 def fast_config(**changes):
-    """A config that reaches every phase within a few dozen steps."""
+    """A config that reaches every phase within a few dozen steps, every real step
+    observed (``observe_every=1``)."""
     base = dict(
+        observe_every=1,
         warmup_steps=4,
         full_steps=3,
         correct_steps=2,

@@ -81,6 +81,7 @@ def test_linefit_predicts_the_real_steps_on_a_straight_trajectory():
         confidence_threshold=0.0,
         predictor="linefit",
         basis=hj.BasisSettings(size=4, stride=STRIDE),
+        observe_every=1,
         **SAFETY_OFF,
     )
     tx = hj.predictive(optax.sgd(LR), cfg)
@@ -114,6 +115,7 @@ def test_snoo_jumps_by_a_snoo_outer_step():
         warmup_steps=1000,
         predictor="snoo",
         basis=hj.BasisSettings(stride=STRIDE, ema_decay=mu),
+        observe_every=1,
         monitor=None,
     )
     tx = hj.predictive(optax.adam(0.05), cfg, predictor=P.snoo(outer_lr=eta, momentum=mu))
@@ -144,7 +146,7 @@ def test_trajectory_predictors_name_what_they_need():
     with pytest.raises(ValueError, match="observe_every"):
         hj.HybridConfig(observe_every=4, basis=hj.BasisSettings(stride=4))
     params = {"x": jnp.zeros((3,))}
-    small = hj.HybridConfig(basis=hj.BasisSettings(size=3, stride=4))
+    small = hj.HybridConfig(basis=hj.BasisSettings(size=3, stride=4), observe_every=1)
     with pytest.raises(ValueError, match=r"basis\.size >= 4"):
         hj.predictive(optax.sgd(0.1), small, predictor=P.linefit(snapshots=4)).init(params)
     with pytest.raises(ValueError, match="stride"):
@@ -160,7 +162,7 @@ def test_trajectory_predictors_name_what_they_need():
 
 
 def test_the_fixed_predictors_apply_one_real_step_of_a_displacement():
-    cfg = hj.HybridConfig(basis=hj.BasisSettings(stride=4))
+    cfg = hj.HybridConfig(basis=hj.BasisSettings(stride=4), observe_every=1)
     spec = hj.PredictorSpec(n_groups=2, basis_size=2, config=cfg)
     for factory, slot in ((P.last_update, 0), (P.extrapolate, 1)):
         coefs = np.asarray(factory().init(spec))
