@@ -1,8 +1,8 @@
 """End to end: does the hybrid reach the same held-out loss sooner than what a user would pick?
 
-    python benchmarks/end_to_end.py --size cpu --out benchmarks/results/e2e_cpu   # 2 CPU cores, < 10 min
-    python benchmarks/end_to_end.py --size gpu --out DIR                          # one GPU
-    python benchmarks/end_to_end.py --summarize DIR/runs.jsonl --out DIR          # tables + plots again
+    python benchmarks/end_to_end.py --size cpu --out benchmarks/results/e2e_cpu  # < 10 min
+    python benchmarks/end_to_end.py --size gpu --out DIR                         # one GPU
+    python benchmarks/end_to_end.py --summarize DIR/runs.jsonl --out DIR         # again
 
 ``--deadline S`` stops before a run would start after S seconds (exit 3) and ``--resume``
 goes on from ``OUT/runs.jsonl`` (a run is reused when its workload, arm, seed, learning
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import sys
@@ -495,7 +496,7 @@ def _at(curve: list[dict], key: str, x: float) -> float:
 
 def _time_to(curve: list[dict], target: float) -> float:
     """Wall-clock when the held-out loss first reaches ``target``, linearly interpolated."""
-    for a, b in zip(curve, curve[1:], strict=False):
+    for a, b in itertools.pairwise(curve):
         if b["loss"] <= target:
             if a["loss"] <= target:
                 return a["wall"]
@@ -518,7 +519,7 @@ def summarize(records: list[dict]) -> dict:
         rs = [r for r in records if r["workload"] == wl]
         arms = list(dict.fromkeys(r["arm"] for r in rs))
         sweep = [a for a in arms if a.startswith("adamw@")]
-        final = lambda a: np.median([r["final_loss"] for r in rs if r["arm"] == a])
+        final = lambda a, rs=rs: np.median([r["final_loss"] for r in rs if r["arm"] == a])
         tuned = min(sweep, key=final)
         target = float(final(tuned))
         t_wall = float(np.median([r["wall"] for r in rs if r["arm"] == tuned]))
@@ -621,7 +622,8 @@ def markdown(summary: dict, env: dict) -> str:
                 ideal = (r["backward"]["median"] * tuned_ms + r["predicted"]["median"] * pred) / 1e3
                 lines.append(
                     f"| {a} | {real:.3f} | {pred:.3f} | {pred / real:.3f} "
-                    f"| {real / tuned_ms:.3f} | {_num(phases, '.0f')} | {_num(rb / max(phases, 1), '.0%')} "
+                    f"| {real / tuned_ms:.3f} | {_num(phases, '.0f')} "
+                    f"| {_num(rb / max(phases, 1), '.0%')} "
                     f"| {ideal:.3g} | {r['wall']['median']:.3g} |"
                 )
         lines.append(f"AdamW step (tuned arm, training wall-clock / steps): {tuned_ms:.3f} ms.")
@@ -646,7 +648,9 @@ def plot(records: list[dict], path: Path) -> None:
         for a in dict.fromkeys(r["arm"] for r in rs):
             ar = [r for r in rs if r["arm"] == a]
             n = min(len(r["curve"]) for r in ar)
-            med = lambda k: np.median([[p[k] for p in r["curve"][:n]] for r in ar], axis=0)
+            med = lambda k, ar=ar, n=n: np.median(
+                [[p[k] for p in r["curve"][:n]] for r in ar], axis=0
+            )
             style = "-" if a.startswith(("hybrid", "matched", "lookahead")) else ":"
             for ax, key in zip(row, ("wall", "batches"), strict=True):
                 ax.plot(med(key), med("loss"), style, label=a)
