@@ -34,6 +34,9 @@ def quadratic_batches(n, seed=0):
 
 # The safety layer never changes the schedule: the monitor off, every phase accepted
 # (no tolerance, no cost rule).
+# What the tests written before the defaults were chosen assume: every real step observed,
+# a phase kept if it does a quarter of what the real steps it replaced were expected to.
+EARLIER_DEFAULTS = dict(observe_every=1, predict_cost_ratio=0.25)
 SAFETY_OFF = dict(horizon_shrink=1.0, verify_tolerance=1e9, predict_cost_ratio=0.0, monitor=None)
 
 

@@ -78,6 +78,8 @@ def test_same_steps_and_parameters_as_hybrid_step(digits_batches):
         max_horizon=6,
         min_horizon=3,
         confidence_threshold=0.0,
+        observe_every=1,  # four kinds of step, no plain one
+        predict_cost_ratio=0.25,
     )
     tx = hj.predictive(optax.adamw(1e-3), cfg)
     step, state = _compare(tx, digits_batches[:200])
@@ -164,7 +166,9 @@ def test_foreign_state_resyncs_and_each_program_compiles_once(digits_batches):
         traces[0] += 1
         return tasks.mlp_loss(params, batch)
 
-    cfg = hj.HybridConfig(warmup_steps=10, full_steps=4, correct_steps=2, max_horizon=4)
+    cfg = hj.HybridConfig(
+        warmup_steps=10, full_steps=4, correct_steps=2, max_horizon=4, observe_every=1
+    )
     tx = hj.predictive(optax.adamw(1e-3), cfg.replace(confidence_threshold=0.0))
     step = hj.make_dispatched_step(loss_fn, tx)
     params = tasks.mlp_init(jax.random.key(1))

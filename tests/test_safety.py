@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import EARLIER_DEFAULTS
 
 import hybrid_jax as hj
 from hybrid_jax import _monitor as mon
@@ -145,6 +146,7 @@ def harmful(digits_split):
         max_horizon=4,
         confidence_threshold=0.0,
         predict_cost_ratio=0.0,
+        observe_every=1,
     )
     tx = hj.predictive(optax.adamw(LR), cfg, predictor=harmful_predictor())
     step = hj.make_hybrid_step(loss_fn, tx)
@@ -354,6 +356,7 @@ def test_corrector_brings_an_overshooting_predictor_within_10_percent(digits_spl
         max_horizon=4,
         confidence_threshold=0.0,
         correct_predictions=True,
+        **EARLIER_DEFAULTS,
     )
     tx = hj.predictive(optax.adamw(LR), cfg, predictor=overshooting_predictor())
     step = hj.make_hybrid_step(tasks.mlp_loss, tx)
@@ -428,7 +431,9 @@ class Faults:
 
     def __init__(self, split):
         self.split = split
-        self.cfg = hj.HybridConfig(warmup_steps=50, full_steps=10, correct_steps=3, max_horizon=8)
+        self.cfg = hj.HybridConfig(
+            warmup_steps=50, full_steps=10, correct_steps=3, max_horizon=8, **EARLIER_DEFAULTS
+        )
         inner = optax.inject_hyperparams(optax.adamw)(learning_rate=LR)
         self.tx = hj.predictive(inner, self.cfg)
         self.step = hj.make_hybrid_step(fault_loss, self.tx)
@@ -671,6 +676,7 @@ def test_bandit_learns_from_verified_phases(digits_split):
         max_horizon=8,
         horizon_policy="bandit",
         bandit=hj.BanditSettings(horizons=arms),
+        **EARLIER_DEFAULTS,
     )
     tx = hj.predictive(optax.adamw(LR), cfg)
     step = hj.make_hybrid_step(tasks.mlp_loss, tx)

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import EARLIER_DEFAULTS
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
@@ -19,6 +20,7 @@ CFG = hj.HybridConfig(
     max_horizon=5,
     predictor="rssm",
     rssm=hj.RSSMSettings(hidden=32, mlp=32, members=2, window=8),
+    **EARLIER_DEFAULTS,
 )
 
 
