@@ -7,29 +7,36 @@
 ``--deadline S`` stops before a run would start after S seconds (exit 3) and ``--resume``
 goes on from ``OUT/runs.jsonl`` (a run is reused when its workload, arm, seed, learning
 rate, steps and hybrid settings match); ``--lrs`` replaces the sweep, ``--hybrid JSON``
-changes the hybrid's settings, ``--predictors`` and ``--workloads`` select arms.
+changes the hybrid arms' settings, ``--arms`` and ``--workloads`` select.
 
-The arms of ``BENCHMARKS.md``, in one process, with the same seeds and the same data order
-(batch ``i`` of seed ``s`` is the same array for every arm):
+In one process, with the same seeds and the same data order (batch ``i`` of seed ``s`` is
+the same array for every arm). Each workload's held-out data is halved: a validation
+split, on which the learning rate is chosen, and the held-out split, whose loss is
+reported.
 
-- ``adamw@LR``: ``optax.adamw`` with linear warmup and cosine decay to 10%, for each learning
-  rate of a small sweep; the best median final held-out loss is the *tuned* AdamW;
-- ``matched``: AdamW at the tuned learning rate given the hybrid's measured wall-clock (fewer
-  or more steps, the schedule compressed or stretched to fit);
-- ``hybrid:last_update``, ``hybrid:extrapolate``, ``hybrid:rssm``: ``hj.predictive`` around the
-  tuned AdamW;
-- ``lookahead``: ``optax.lookahead`` around the tuned AdamW (evaluated on the slow weights).
+- ``adamw@LR``: ``optax.adamw`` (weight decay 1e-4) with linear warmup (5%) and cosine
+  decay to 10%, for each rate of a sweep; the best median final *validation* loss is the
+  *tuned* AdamW, and its median final held-out loss the target;
+- ``hybrid:default`` (``HybridConfig()``), ``hybrid:rssm`` (the defaults with the RSSM) and
+  ``hybrid:linefit`` (the ceiling study's best family: a line fit over 4 snapshots 8 real
+  steps apart, gated by the cost rule alone): ``hj.predictive`` around the tuned AdamW;
+- ``matched``: AdamW at the tuned rate given ``hybrid:default``'s measured wall-clock
+  (fewer or more steps, the schedule compressed or stretched to fit);
+- ``schedule_free``: optax's schedule-free AdamW at the tuned rate (evaluated at its
+  averaged weights), a reference;
+- ``lookahead`` (only when asked): ``optax.lookahead`` around the tuned AdamW.
 
-Every arm runs as a fused ``lax.scan`` over chunks of ``eval_every`` steps (one compile per
-arm, timed separately; inputs donated; the chunk's batches are put on the device before the
-clock starts); the held-out loss is measured between chunks and not timed. The learning
-rate is set from the global step inside the step for every arm, so that the hybrid's
-schedule follows the steps taken, real and predicted. ``--stepping python`` instead calls
-one jitted step per batch from Python for every arm (the hybrids through
-``hj.make_dispatched_step``; all programs compiled before the clock starts).
+By default (``--stepping python``) every arm calls one jitted step per batch from Python,
+as ``hj.train`` does (the hybrids through ``hj.make_dispatched_step``; every program
+compiled before the clock starts); each run's wall-clock is its actual mix of steps.
+``--stepping fused`` runs ``lax.scan`` chunks of ``eval_every`` steps instead. The
+learning rate is set from the global step for every arm, so that the hybrid's schedule
+follows the steps taken, real and predicted. The held-out loss is measured between
+chunks and not timed.
 
 Outputs under ``--out``: ``runs.jsonl`` (one line per arm and seed, with its curve),
-``summary.json``, ``summary.md`` (the tables of ``end_to_end.md``) and ``curves.png``.
+``summary.json``, ``summary.md`` (the tables of ``end_to_end.md``, targets first) and
+``curves.png``.
 """
 
 from __future__ import annotations
@@ -56,8 +63,6 @@ from step_cost import forced
 import hybrid_jax as hj
 from hybrid_jax import tasks
 
-PREDICTORS = ("last_update", "extrapolate", "rssm")
-
 
 class Deadline(Exception):
     """``--deadline`` passed: stop before the next run (``--resume`` goes on)."""
@@ -68,7 +73,8 @@ class Workload(NamedTuple):
     init: Any  # key -> params
     loss_fn: Any  # (params, batch) -> loss
     batches: Any  # (seed, start, n) -> stacked numpy batches
-    eval_batches: Any  # stacked held-out batches (numpy)
+    eval_batches: Any  # stacked held-out batches (numpy): the loss reported
+    val_batches: Any  # stacked validation batches (numpy): the learning rate is chosen on them
     steps: int
     eval_every: int
     lrs: tuple[float, ...]
@@ -76,28 +82,46 @@ class Workload(NamedTuple):
     describe: str
 
 
-def digits_workload(steps: int, eval_every: int, lrs: tuple[float, ...]) -> Workload:
+def halves(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validation (first half) and held-out (second half) of a held-out array."""
+    return x[: len(x) // 2], x[len(x) // 2 :]
+
+
+def digits_workload(
+    model: str, steps: int, eval_every: int, lrs: tuple[float, ...], batch_size: int = 64
+) -> Workload:
+    """The digits MLP (``model="mlp"``) or CNN (``"cnn"``); the 20% held out by
+    ``tasks.digits`` is halved into validation and held-out images."""
     split = tasks.digits(0)
-    sizes = (64, 256, 256, 10)
+    if model == "mlp":
+        sizes = (64, 256, 256, 10)
+        init = functools.partial(tasks.mlp_init, sizes=sizes)
+        loss_fn, arch = tasks.mlp_loss, f"MLP {sizes}"
+    else:
+        channels = (64, 128)
+        init = functools.partial(tasks.cnn_init, channels=channels)
+        loss_fn, arch = tasks.cnn_loss, f"CNN, channels {channels}"
 
     def batches(seed, start, n):
-        it = tasks.batches(split.x_train, split.y_train, 64, seed=seed, start=start)
+        it = tasks.batches(split.x_train, split.y_train, batch_size, seed=seed, start=start)
         xs, ys = zip(*(next(it) for _ in range(n)), strict=True)
         return np.stack(xs), np.stack(ys)
 
-    init = functools.partial(tasks.mlp_init, sizes=sizes)
+    (x_val, x_test), (y_val, y_test) = halves(split.x_test), halves(split.y_test)
     n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(init, jax.random.key(0))))
     return Workload(
-        "digits_mlp",
-        init,
-        tasks.mlp_loss,
-        batches,
-        (split.x_test[None], split.y_test[None]),
-        steps,
-        eval_every,
-        lrs,
-        n,
-        f"scikit-learn digits, MLP {sizes}, batch 64, held-out 20% ({len(split.y_test)} images)",
+        name=f"digits_{model}",
+        init=init,
+        loss_fn=loss_fn,
+        batches=batches,
+        eval_batches=(x_test[None], y_test[None]),
+        val_batches=(x_val[None], y_val[None]),
+        steps=steps,
+        eval_every=eval_every,
+        lrs=lrs,
+        n_params=n,
+        describe=f"scikit-learn digits, {arch}, batch {batch_size}; the 20% held out is "
+        f"halved: {len(y_val)} validation images (choose the rate), {len(y_test)} held-out",
     )
 
 
@@ -110,27 +134,34 @@ def bytes_workload(
     lrs: tuple[float, ...],
     eval_n: int = 8,
 ) -> Workload:
-    train, test = tasks.byte_split(tasks.stdlib_text(text_bytes))
+    """A byte-level GPT; the text's last 10% is halved into validation and held-out text."""
+    train, rest = tasks.byte_split(tasks.stdlib_text(text_bytes))
+    val, test = halves(rest)
 
     def batches(seed, start, n):
         it = tasks.token_batches(train, batch_size, cfg.seq_len, seed=seed, start=start)
         return np.stack([next(it) for _ in range(n)])
 
-    held = tasks.token_batches(test, batch_size, cfg.seq_len, seed=12345)
+    def fixed(data):
+        it = tasks.token_batches(data, batch_size, cfg.seq_len, seed=12345)
+        return np.stack([next(it) for _ in range(eval_n)])
+
     init = functools.partial(tasks.gpt_init, cfg=cfg)
     n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(init, jax.random.key(0))))
     return Workload(
-        f"bytes_gpt_d{cfg.d_model}_l{cfg.n_layers}",
-        init,
-        functools.partial(tasks.gpt_loss, cfg=cfg),
-        batches,
-        np.stack([next(held) for _ in range(eval_n)]),
-        steps,
-        eval_every,
-        lrs,
-        n,
-        f"byte-level GPT on Python stdlib source ({text_bytes / 1e6:.0f} MB, last 10% held out), "
-        f"{cfg}, batch {batch_size}; held-out: {eval_n} fixed batches",
+        name=f"bytes_gpt_d{cfg.d_model}_l{cfg.n_layers}",
+        init=init,
+        loss_fn=functools.partial(tasks.gpt_loss, cfg=cfg),
+        batches=batches,
+        eval_batches=fixed(test),
+        val_batches=fixed(val),
+        steps=steps,
+        eval_every=eval_every,
+        lrs=lrs,
+        n_params=n,
+        describe=f"byte-level GPT on Python stdlib source ({text_bytes / 1e6:.0f} MB; of its "
+        f"last 10%, the first half is validation, the second held out), {cfg}, "
+        f"batch {batch_size}; {eval_n} fixed batches each",
     )
 
 
@@ -138,7 +169,7 @@ def workloads(size: str, steps: int | None) -> list[Workload]:
     if size == "cpu":
         tiny = tasks.GPTConfig(seq_len=64, d_model=64, n_layers=2, n_heads=4)
         return [
-            digits_workload(steps or 1000, 50, (1e-3, 3e-3, 1e-2)),
+            digits_workload("mlp", steps or 1000, 50, (1e-3, 3e-3, 1e-2)),
             bytes_workload(tiny, 8, 1_000_000, steps or 300, 30, (1e-3, 3e-3, 1e-2)),
         ]
     if size == "gpu":
@@ -146,24 +177,33 @@ def workloads(size: str, steps: int | None) -> list[Workload]:
             seq_len=256, d_model=512, n_layers=8, n_heads=8, compute_dtype="bfloat16"
         )
         return [
-            bytes_workload(cfg, 64, 8_000_000, steps or 2000, 100, (1.5e-4, 3e-4, 6e-4, 1.2e-3))
+            bytes_workload(cfg, 64, 8_000_000, steps or 2000, 100, (3e-4, 6e-4, 1.2e-3, 2.4e-3)),
+            digits_workload("cnn", steps or 1000, 50, (1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
         ]
     raise SystemExit(f"unknown size {size!r}")
 
 
-def hybrid_config(predictor: str, steps: int, overrides: dict | None = None) -> hj.HybridConfig:
-    """The hybrid's settings for every workload (chosen on the CPU digits workload);
-    ``overrides`` (``--hybrid``) replaces any of them."""
-    fields = dict(
-        warmup_steps=max(steps // 20, 10),
-        full_steps=10,
-        correct_steps=2,
-        max_consecutive_predicts=10,
-        min_horizon=1,
-        max_horizon=6,
-        predictor=predictor,
-    )
-    return hj.HybridConfig.from_dict({**fields, **(overrides or {})})
+# The hybrid arms: the defaults, the defaults with the RSSM, and the family the ceiling
+# study found best (a line fit over spaced snapshots; ``ceiling.md``), gated by the cost
+# rule alone.
+HYBRIDS = {
+    "default": {},
+    "rssm": dict(predictor="rssm"),
+    "linefit": dict(
+        predictor="linefit",
+        basis=dict(size=4, stride=8),
+        confidence_threshold=0.0,
+        observe_every=1,  # a displacement basis sums every real update
+    ),
+}
+ARMS = (*HYBRIDS, "matched", "schedule_free", "lookahead")
+DEFAULT_ARMS = (*HYBRIDS, "matched", "schedule_free")
+
+
+def hybrid_config(name: str, overrides: dict | None = None) -> hj.HybridConfig:
+    """The hybrid arm ``name``'s settings (``HYBRIDS``); ``overrides`` (``--hybrid``)
+    replaces any of them."""
+    return hj.HybridConfig.from_dict({**HYBRIDS[name], **(overrides or {})})
 
 
 def lr_at(t: jax.Array, hyper: jax.Array) -> jax.Array:
@@ -183,9 +223,21 @@ def with_lr(opt_state: Any, lr: jax.Array) -> Any:
     return optax.tree_utils.tree_set(opt_state, learning_rate=lr)
 
 
+def schedule_free(lr: float, steps: int) -> optax.GradientTransformation:
+    """optax's schedule-free AdamW at a constant peak rate with its own warmup (5%)."""
+    return optax.contrib.schedule_free_adamw(
+        learning_rate=lr, warmup_steps=max(round(steps * 0.05), 1), weight_decay=1e-4
+    )
+
+
+def set_lr(arm: Arm, opt_state: Any, lr: jax.Array) -> Any:
+    """The step's learning rate into the state; schedule-free AdamW keeps its own."""
+    return opt_state if arm.kind == "schedule_free" else with_lr(opt_state, lr)
+
+
 class Arm(NamedTuple):
     name: str
-    kind: str  # adamw | hybrid | lookahead
+    kind: str  # adamw | hybrid | lookahead | schedule_free
     tx: Any
     lr: float
     steps: int
@@ -208,7 +260,7 @@ def make_chunk(arm: Arm, loss_fn):
             params = optax.apply_updates(params, updates)
         else:
             grads = jax.grad(loss_fn)(params, batch)
-            updates, state = tx.update(grads, with_lr(state, lr), params)
+            updates, state = tx.update(grads, set_lr(arm, state, lr), params)
             params = optax.apply_updates(params, updates)
         return (params, state, t + 1, hyper), None
 
@@ -239,7 +291,7 @@ def make_stepper(arm: Arm, loss_fn):
     def one(params, state, batch, t, hyper):
         lr = lr_at(t, hyper)
         grads = jax.grad(loss_fn)(params.fast if arm.kind == "lookahead" else params, batch)
-        updates, state = arm.tx.update(grads, with_lr(state, lr), params)
+        updates, state = arm.tx.update(grads, set_lr(arm, state, lr), params)
         return optax.apply_updates(params, updates), state
 
     jitted = jax.jit(one, donate_argnums=(0, 1))
@@ -265,8 +317,13 @@ def init_arm(arm: Arm, params: Any) -> tuple[Any, Any]:
     return params, state
 
 
-def eval_params(arm: Arm, params: Any) -> Any:
-    return params.slow if arm.kind == "lookahead" else params
+def eval_params(arm: Arm, params: Any, state: Any) -> Any:
+    """The weights evaluated: Lookahead's slow weights, schedule-free AdamW's average."""
+    if arm.kind == "lookahead":
+        return params.slow
+    if arm.kind == "schedule_free":
+        return optax.contrib.schedule_free_eval_params(state, params)
+    return params
 
 
 def counters(arm: Arm, state: Any, steps: int) -> dict[str, int]:
@@ -310,6 +367,12 @@ def memory(compiled) -> dict[str, int | None]:
     return out
 
 
+def unstack(batches: Any) -> list[Any]:
+    """A stacked batch pytree as a list of single batches (arrays or tuples of arrays)."""
+    n = len(jax.tree.leaves(batches)[0])
+    return [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(n)]
+
+
 def run_arm(
     wl: Workload, arm: Arm, seed: int, evaluate, log, cache: dict, stepping: str = "fused"
 ) -> tuple[dict, Any, Any, Any]:
@@ -331,7 +394,7 @@ def run_arm(
             cache[arm.name] = chunk.lower(params, state, first, jnp.int32(0), hyper).compile()
         else:
             cache[arm.name] = make_stepper(arm, wl.loss_fn)
-            one = jax.device_put(wl.batches(seed, 0, 1))[0]
+            one = unstack(jax.device_put(wl.batches(seed, 0, 1)))[0]
             cache[arm.name].compile(params, state, one, jnp.int32(0), hyper)
         cache[arm.name, "s"] = time.perf_counter() - t0
     compiled, compile_s = cache[arm.name], cache[arm.name, "s"]
@@ -341,7 +404,7 @@ def run_arm(
         """Runs the chunk from ``start``; returns params, state and its seconds."""
         batches = jax.device_put(wl.batches(seed, start, arm.chunk))
         if not fused:
-            batches = list(batches)
+            batches = unstack(batches)
         jax.block_until_ready(batches)
         t0 = time.perf_counter()
         if fused:
@@ -352,15 +415,14 @@ def run_arm(
         jax.block_until_ready((params, state))
         return params, state, time.perf_counter() - t0
 
-    curve = [
-        dict(step=0, wall=0.0, loss=evaluate(eval_params(arm, params)), **counters(arm, state, 0))
-    ]
+    curve = [dict(step=0, wall=0.0, loss=evaluate(eval_params(arm, params, state)))]
+    curve[0].update(counters(arm, state, 0))
     wall = 0.0
     for start in range(0, arm.steps, arm.chunk):
         params, state, seconds = train_chunk(params, state, start)
         wall += seconds
         done = start + arm.chunk
-        loss = evaluate(eval_params(arm, params))
+        loss = evaluate(eval_params(arm, params, state))
         curve.append(dict(step=done, wall=wall, loss=loss, **counters(arm, state, done)))
     rec = dict(
         workload=wl.name,
@@ -373,12 +435,14 @@ def run_arm(
         stepping=stepping,
         compile_s=compile_s,
         final_loss=curve[-1]["loss"],
+        val_loss=evaluate(eval_params(arm, params, state), "val"),
         wall=wall,
         curve=curve,
         **(memory(compiled) if fused else {}),
     )
     log(
         f"  {arm.name:22s} seed {seed}: held-out {rec['final_loss']:.4f}  "
+        f"validation {rec['val_loss']:.4f}  "
         f"train {wall:7.2f} s  compile {compile_s:5.1f} s  "
         f"backward {curve[-1]['backward']}/{arm.steps}  rollbacks {curve[-1]['rollbacks']}"
     )
@@ -410,26 +474,50 @@ def step_costs(wl: Workload, arm: Arm, compiled, params, state, repeats: int = 5
     return out
 
 
-def run_workload(wl: Workload, args, log) -> list[dict]:
-    """Every arm with every seed; returns the records (also appended to runs.jsonl)."""
-    seeds = list(range(args.seeds))
-    records: list[dict] = []
-    out = Path(args.out)
-    held = jax.device_put(wl.eval_batches)
+def tuned_rate(sweep: dict[float, list[dict]]) -> float:
+    """The sweep's rate with the best median final loss on the validation split."""
+    return min(sweep, key=lambda lr: np.median([r["val_loss"] for r in sweep[lr]]))
+
+
+def matched_arm(wl: Workload, tuned: float, records: list[dict], ref: str) -> Arm:
+    """AdamW at the tuned rate given the hybrid arm ``ref``'s median wall-clock, at the
+    tuned AdamW's measured speed (its schedule compressed or stretched to fit)."""
+    hyb = np.median([r["wall"] for r in records if r["arm"] == ref])
+    adam = np.median([r["wall"] for r in records if r["arm"] == f"adamw@{tuned:g}"])
+    n_evals = wl.steps // wl.eval_every
+    chunk = max(round(wl.steps * hyb / adam / n_evals), 1)
+    return Arm("matched", "adamw", adamw(), tuned, chunk * n_evals, chunk)
+
+
+def other_arm(name: str, wl: Workload, tuned: float, records: list[dict]) -> Arm:
+    """``matched``, ``schedule_free`` or ``lookahead`` at the tuned rate."""
+    if name == "matched":
+        return matched_arm(wl, tuned, records, "hybrid:default")
+    if name == "schedule_free":
+        tx = schedule_free(tuned, wl.steps)
+        return Arm(name, "schedule_free", tx, tuned, wl.steps, wl.eval_every)
+    la = optax.lookahead(adamw(), sync_period=6, slow_step_size=0.5)
+    return Arm(name, "lookahead", la, tuned, wl.steps, wl.eval_every)
+
+
+def make_evaluate(wl: Workload):
+    """``evaluate(params, split="test")``: the mean loss over the held-out (``"test"``) or
+    validation (``"val"``) batches."""
+    splits = dict(test=jax.device_put(wl.eval_batches), val=jax.device_put(wl.val_batches))
 
     @jax.jit
     def _eval(params, held):
         return jnp.mean(jax.lax.map(lambda b: wl.loss_fn(params, b), held))
 
-    evaluate = lambda p: float(_eval(p, held))
+    return lambda params, split="test": float(_eval(params, splits[split]))
 
+
+def run_workload(wl: Workload, args, log) -> list[dict]:
+    """Every arm with every seed; returns the records (also appended to runs.jsonl)."""
+    seeds = list(range(args.seeds))
+    records: list[dict] = []
+    evaluate = make_evaluate(wl)
     cache: dict = {}
-
-    def keep(rec):
-        rec["environment"] = args.env
-        records.append(rec)
-        with open(out / "runs.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
 
     def run(arm: Arm, seed: int) -> dict:
         """A stored record of this arm and seed (``--resume``), or a fresh run."""
@@ -443,10 +531,13 @@ def run_workload(wl: Workload, args, log) -> list[dict]:
             raise Deadline
         rec, compiled, params, state = run_arm(wl, arm, seed, evaluate, log, cache, args.stepping)
         if arm.kind == "hybrid":
-            rec["hybrid_config"] = arm.tx.config.to_dict()
+            rec["hybrid_config"] = cfg
             if seed == seeds[0] and compiled is not None:
                 rec.update(step_costs(wl, arm, compiled, params, state))
-        keep(rec)
+        rec["environment"] = args.env
+        records.append(rec)
+        with open(Path(args.out) / "runs.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
         return rec
 
     log(f"[{wl.name}] {wl.describe}; {wl.n_params:,} parameters, {wl.steps} steps")
@@ -454,31 +545,16 @@ def run_workload(wl: Workload, args, log) -> list[dict]:
     for lr in wl.lrs:
         arm = Arm(f"adamw@{lr:g}", "adamw", adamw(), lr, wl.steps, wl.eval_every)
         sweep[lr] = [run(arm, s) for s in seeds]
-    tuned = min(wl.lrs, key=lambda lr: np.median([r["final_loss"] for r in sweep[lr]]))
-    log(f"  tuned learning rate: {tuned:g}")
-    for pred in args.predictors:
-        cfg = hybrid_config(pred, wl.steps, args.hybrid)
-        tx = hj.predictive(adamw(), cfg)
-        arm = Arm(f"hybrid:{pred}", "hybrid", tx, tuned, wl.steps, wl.eval_every)
+    tuned = tuned_rate(sweep)
+    log(f"  tuned learning rate (validation split): {tuned:g}")
+    for name in args.arms:
+        if name in HYBRIDS:
+            tx = hj.predictive(adamw(), hybrid_config(name, args.hybrid))
+            arm = Arm(f"hybrid:{name}", "hybrid", tx, tuned, wl.steps, wl.eval_every)
+        else:
+            arm = other_arm(name, wl, tuned, records)
         for s in seeds:
             run(arm, s)
-    # compute-matched AdamW: the wall-clock of the default hybrid, at AdamW's measured speed
-    ref = "last_update" if "last_update" in args.predictors else args.predictors[0]
-    hyb_wall = np.median([r["wall"] for r in records if r["arm"] == f"hybrid:{ref}"])
-    adam_wall = np.median([r["wall"] for r in sweep[tuned]])
-    n_evals = wl.steps // wl.eval_every
-    chunk = max(round(wl.steps * hyb_wall / adam_wall / n_evals), 1)
-    arm = Arm("matched", "adamw", adamw(), tuned, chunk * n_evals, chunk)
-    log(
-        f"  compute-matched AdamW: {arm.steps} steps "
-        f"(hybrid:{ref} {hyb_wall:.2f} s, AdamW {adam_wall:.2f} s)"
-    )
-    for s in seeds:
-        run(arm, s)
-    la = optax.lookahead(adamw(), sync_period=6, slow_step_size=0.5)
-    arm = Arm("lookahead", "lookahead", la, tuned, wl.steps, wl.eval_every)
-    for s in seeds:
-        run(arm, s)
     return records
 
 
@@ -512,16 +588,28 @@ def _ms(xs: list[float]) -> dict:
     return dict(median=float(np.median(xs)), lo=float(min(xs)), hi=float(max(xs)), n=len(xs))
 
 
+def paired(rs: list[dict], arm: str, tuned: str) -> dict:
+    """Per-seed ratios to the tuned AdamW of the same seed: final held-out loss (at equal
+    steps when the arm runs as many) and training wall-clock; medians, [min, max]."""
+    base = {r["seed"]: r for r in rs if r["arm"] == tuned}
+    ar = [r for r in rs if r["arm"] == arm and r["seed"] in base]
+    return dict(
+        loss_ratio=_ms([r["final_loss"] / base[r["seed"]]["final_loss"] for r in ar]),
+        wall_ratio=_ms([r["wall"] / base[r["seed"]]["wall"] for r in ar]),
+    )
+
+
 def summarize(records: list[dict]) -> dict:
     """Per workload: target, tuned arm, and per arm the figures of BENCHMARKS.md."""
     out = {}
     for wl in dict.fromkeys(r["workload"] for r in records):
         rs = [r for r in records if r["workload"] == wl]
         arms = list(dict.fromkeys(r["arm"] for r in rs))
-        sweep = [a for a in arms if a.startswith("adamw@")]
-        final = lambda a, rs=rs: np.median([r["final_loss"] for r in rs if r["arm"] == a])
-        tuned = min(sweep, key=final)
-        target = float(final(tuned))
+        sweep = sorted((a for a in arms if a.startswith("adamw@")), key=lambda a: float(a[6:]))
+        by = "val_loss" if all("val_loss" in r for r in rs) else "final_loss"
+        median = lambda a, k, rs=rs: float(np.median([r[k] for r in rs if r["arm"] == a]))
+        tuned = min(sweep, key=lambda a: median(a, by))
+        target = median(tuned, "final_loss")
         t_wall = float(np.median([r["wall"] for r in rs if r["arm"] == tuned]))
         t_batches = min(r["curve"][-1]["batches"] for r in rs)
         base_ttt = _ms([_time_to(r["curve"], target) for r in rs if r["arm"] == tuned])["median"]
@@ -558,8 +646,12 @@ def summarize(records: list[dict]) -> dict:
                 if vals:
                     row[k] = vals[0]
             table[a] = row
+        for a, row in table.items():
+            row.update(paired(rs, a, tuned))
         out[wl] = dict(
             tuned=tuned,
+            tuned_by=by,
+            bracketed=len(sweep) > 2 and tuned not in (sweep[0], sweep[-1]),
             target=target,
             tuned_wall=t_wall,
             equal_batches=t_batches,
@@ -580,17 +672,59 @@ def _num(x: float, spec: str) -> str:
     return "-" if math.isnan(x) else format(x, spec)
 
 
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def targets_md(s: dict) -> list[str]:
+    """The issue's targets for each hybrid arm, met or missed, with their figures."""
+    arms, lines = s["arms"], ["| target | arm | figure | verdict |", "|---|---|---|---|"]
+    d = arms.get("hybrid:default")
+    if d:
+        lr, wr = d["loss_ratio"], d["wall_ratio"]
+        lines.append(
+            f"| held-out within 1% of tuned AdamW at equal steps | hybrid:default "
+            f"| {_fmt(lr)} | {_verdict(lr['median'] <= 1.01)} |"
+        )
+        lines.append(
+            f"| at most 3% more training wall-clock | hybrid:default | {_fmt(wr)} "
+            f"| {_verdict(wr['median'] <= 1.03)} |"
+        )
+    m = arms.get("matched")
+    if d and m:
+        h, c = d["final_loss"], m["final_loss"]
+        spread = max(h["hi"] - h["lo"], c["hi"] - c["lo"])
+        margin = c["median"] - h["median"]
+        lines.append(
+            f"| better than compute-matched AdamW by more than the seeds' spread "
+            f"| hybrid:default | {h['median']:.4f} vs {c['median']:.4f}: margin {margin:+.4f}, "
+            f"spread {spread:.4f} | {_verdict(margin > spread)} |"
+        )
+    for a, r in arms.items():
+        if a.startswith("hybrid:"):
+            x = r["speedup_vs_tuned"]
+            lines.append(
+                f"| time to tuned AdamW's loss at least 1.5x shorter | {a} "
+                f"| {_num(x, '.2f')}x | {_verdict(not math.isnan(x) and x >= 1.5)} |"
+            )
+    return [*lines, ""]
+
+
 def markdown(summary: dict, env: dict) -> str:
     lines = []
     for wl, s in summary.items():
         tuned_ms = s["arms"][s["tuned"]]["ms_per_step"]["median"]
+        chosen = "validation split" if s.get("tuned_by") == "val_loss" else "held-out loss"
         lines += [
             f"### {wl}",
             "",
-            f"Tuned AdamW: `{s['tuned']}`; target (its median final held-out loss): "
+            f"Tuned AdamW: `{s['tuned']}`, chosen on the {chosen} "
+            f"({'bracketed' if s.get('bracketed') else '**at the edge of the sweep**'}); "
+            f"target (its median final held-out loss): "
             f"{s['target']:.4f}; its median training wall-clock {s['tuned_wall']:.2f} s. "
             f"Equal batches: {s['equal_batches']}. Medians over seeds, [min, max].",
             "",
+            *targets_md(s),
             "| arm | final held-out | time to target (s) | speedup | held-out at tuned wall-clock "
             "| held-out at equal batches | train wall (s) | backward | forward | predicted "
             "| rollbacks | skipped | compile (s) | compiled MB | peak MB |",
@@ -682,7 +816,11 @@ def main() -> None:
     ap.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=0, help="override every workload's steps")
-    ap.add_argument("--predictors", default=",".join(PREDICTORS))
+    ap.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma list, in order, after the AdamW sweep; of {', '.join(ARMS)}",
+    )
     ap.add_argument("--workloads", default="", help="comma list of names to keep (prefixes)")
     ap.add_argument("--lrs", default="", help="comma list: replaces every workload's sweep")
     ap.add_argument(
@@ -693,9 +831,9 @@ def main() -> None:
     ap.add_argument(
         "--stepping",
         choices=["fused", "python"],
-        default="fused",
-        help="fused: lax.scan chunks of hybrid_step; python: one call per step "
-        "(hybrids through make_dispatched_step)",
+        default="python",
+        help="python: one call per step (hybrids through make_dispatched_step, as hj.train); "
+        "fused: lax.scan chunks of hybrid_step",
     )
     ap.add_argument("--out", default="runs/end_to_end")
     ap.add_argument("--summarize", default="", help="only summarise this runs.jsonl")
@@ -706,17 +844,19 @@ def main() -> None:
         "--deadline", type=float, default=0, help="seconds after which no new run starts (exit 3)"
     )
     args = ap.parse_args()
-    args.predictors = tuple(args.predictors.split(","))
+    args.arms = tuple(a for a in args.arms.split(",") if a)
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; expected some of {ARMS}")
+    if "matched" in args.arms and "default" not in args.arms[: args.arms.index("matched")]:
+        raise SystemExit("--arms: 'matched' takes the wall-clock of 'default': list it first")
     try:
         args.hybrid = json.loads(args.hybrid)
         if not isinstance(args.hybrid, dict):
             raise ValueError("not a JSON object")
-        hybrid_config(args.predictors[0], 1000, args.hybrid)
+        hybrid_config("default", args.hybrid)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"--hybrid: {e}") from e
-    for p in args.predictors:
-        if p not in PREDICTORS:
-            raise SystemExit(f"unknown predictor {p!r}; expected one of {PREDICTORS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize:

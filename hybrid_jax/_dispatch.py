@@ -219,6 +219,7 @@ class DispatchedStep:
             program = self._phase_program(params, batch)
             rest = state._replace(snapshot=None)
             self._compiled[PHASE] = program.lower(params, state.snapshot, rest).compile()
+        self._read = self._read.lower(state).compile()
         return time.perf_counter() - t0
 
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
