@@ -31,10 +31,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._donation import donated_error
+from ._fused import FusedPhase, PhaseResult, outlook
 from ._kinds import (
     KIND_NAMES,
     PLAIN,
@@ -50,7 +50,6 @@ from ._kinds import (
     step_kinds,
 )
 from ._metrics import metrics
-from ._predicted import MOVING, phase_steps
 from ._state import HybridState
 from ._transform import PredictiveTransformation
 
@@ -62,57 +61,20 @@ PHASE = len(KIND_NAMES)
 __all__ = ["KIND_NAMES", "PLAIN", "PREDICT", "PREDICT_FIRST", "REAL", "VERIFY", "DispatchedStep"]
 
 
-def pack_rows(rows: Any) -> jax.Array:
-    """Stacked metrics rows (leaves shaped ``(L, ...)``, 32-bit or bool) as one int32
-    array ``(L, K)``, so that the host fetches them in one transfer."""
-    cols = []
-    for leaf in jax.tree.leaves(rows):
-        flat = leaf.reshape(leaf.shape[0], -1)
-        if jnp.issubdtype(flat.dtype, jnp.floating):
-            flat = jax.lax.bitcast_convert_type(flat.astype(jnp.float32), jnp.int32)
-        cols.append(flat.astype(jnp.int32))
-    return jnp.concatenate(cols, axis=1)
-
-
-def unpack_rows(packed: np.ndarray, like: Any) -> Any:
-    """``pack_rows``'s inverse on the host; ``like`` is one row (for shapes and dtypes)."""
-    leaves, treedef = jax.tree.flatten(like)
-    out, at = [], 0
-    for leaf in leaves:
-        size = int(np.prod(leaf.shape))
-        col = packed[:, at : at + size].reshape(packed.shape[0], *leaf.shape)
-        at += size
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            col = col.view(np.float32)
-        out.append(col.astype(leaf.dtype))
-    return jax.tree.unflatten(treedef, out)
-
-
-def outlook(tx: PredictiveTransformation, state: HybridState) -> jax.Array:
-    """int32[3]: ``kind_after_next(state)``; and where ``state`` wants a predicted step,
-    how many steps its fused phase program will take and the kind of the step after
-    them (else 0 and -1). Exact: the phase's small state does not read the parameters."""
-    cfg = tx.config
-
-    def ahead(s: HybridState) -> jax.Array:
-        moving, _, taken, _ = phase_steps(tx.setup, s, length=cfg.max_horizon)
-        return jnp.stack([taken, kind_of(cfg, s._replace(**moving))])
-
-    kind = kind_of(cfg, state)
-    wants = (kind == PREDICT_FIRST) | (kind == PREDICT)
-    none = lambda s: jnp.asarray([0, -1], jnp.int32)
-    info = jax.lax.cond(wants, ahead, none, state)
-    return jnp.concatenate([kind_after_next(cfg, state)[None], info]).astype(jnp.int32)
-
-
 class _Phase(NamedTuple):
     """A fused Predict phase the host is stepping through."""
 
-    rows: Any  # its metrics rows, stacked (on the device, then fetched to the host)
+    result: PhaseResult  # its metrics rows and what it found, on their way to the host
     served: int  # calls answered so far (the first is the one that ran it)
     taken: int | None  # its length, once read
     after: int | None  # the kind of the step after it, once read
-    actual: jax.Array  # what the program found: [taken, kind after], checked later
+
+
+def _host(entry: Any) -> np.ndarray:
+    """A pending entry (an int32 array, or the phase whose outlook it is) on the host."""
+    if isinstance(entry, PhaseResult):
+        return entry.outlook()
+    return np.atleast_1d(jax.device_get(entry))
 
 
 class DispatchedStep:
@@ -168,7 +130,7 @@ class DispatchedStep:
         self.kind_counts = [0] * len(KIND_NAMES)
         self._fuse = bool(fuse_predict)
         self._phase: _Phase | None = None
-        self._check: tuple[jax.Array, int, int] | None = None
+        self._check: tuple[PhaseResult, int, int] | None = None
         self.phases_fused = 0
         cfg = tx.config
         self._look = (
@@ -216,9 +178,7 @@ class DispatchedStep:
             program = self._program(kind, params, batch)
             self._compiled[kind] = program.lower(params, state, batch, *extra).compile()
         if self._fuse:
-            program = self._phase_program(params, batch)
-            rest = state._replace(snapshot=None)
-            self._compiled[PHASE] = program.lower(params, state.snapshot, rest).compile()
+            self._phase_program(params, state, batch).compile(params, state)
         self._read = self._read.lower(state).compile()
         return time.perf_counter() - t0
 
@@ -236,13 +196,10 @@ class DispatchedStep:
             kind = self._restart(state)
         elif self._phase is not None:
             ph = self._phase_read()
-            if ph.served < ph.taken:  # a step the fused phase took
-                rows = ph.rows
-                if isinstance(rows, jax.Array):  # the first such call: to the host
-                    rows = unpack_rows(np.asarray(rows), self._first_row)
-                self._phase = ph._replace(rows=rows, served=ph.served + 1)
+            if ph.served < ph.taken:  # a step the fused phase took: its row, on the host
+                self._phase = ph._replace(served=ph.served + 1)
                 self.kind_counts[PREDICT] += 1
-                return self._out(params, state, jax.tree.map(lambda r: r[ph.served], rows))
+                return self._out(params, state, ph.result.row(ph.served))
             kind, self._phase = ph.after, None
         else:
             kind = self._entry()
@@ -263,14 +220,15 @@ class DispatchedStep:
 
     def _entry(self) -> int:
         """The kind of this call, made two calls ago (waits for that program)."""
-        kind = int(np.atleast_1d(jax.device_get(self._pending.popleft()))[0])
+        kind = int(_host(self._pending.popleft())[0])
         if self._check is not None:  # the fused phase before has run: was it as told?
-            actual, taken, after = self._check
+            result, taken, after = self._check
             self._check = None
-            if tuple(int(x) for x in jax.device_get(actual)) != (taken, after):
+            actual = tuple(int(x) for x in result.actual())
+            if actual != (taken, after):
                 raise RuntimeError(
                     "hybrid_jax: a fused Predict phase took a different course than its "
-                    f"outlook said ({jax.device_get(actual)} vs {(taken, after)}); "
+                    f"outlook said ({actual} vs {(taken, after)}); "
                     "please report this, and use fuse_predict=False meanwhile"
                 )
         return kind
@@ -280,9 +238,9 @@ class DispatchedStep:
         entry the program before it made, which waits for that program only)."""
         ph = self._phase
         if ph.taken is None:
-            _, taken, after = (int(x) for x in jax.device_get(self._pending.popleft()))
+            _, taken, after = (int(x) for x in _host(self._pending.popleft())[:3])
             ph = self._phase = ph._replace(taken=taken, after=after)
-            self._check = (ph.actual, taken, after)
+            self._check = (ph.result, taken, after)
         return ph
 
     def _out(self, params: PyTree, state: HybridState, m: Any, aux: Any = None):
@@ -291,42 +249,22 @@ class DispatchedStep:
             return params, state, m, self._missing_aux if aux is None else aux
         return params, state, m
 
-    def _phase_program(self, params: PyTree, batch: Any) -> Callable[..., Any]:
-        """The program of a fused Predict phase (see ``hybrid_jax._predicted``).
-
-        A call's host cost grows with the arrays it donates and returns (about 1 ms for
-        a whole ``HybridState`` on an H100 host), so this program takes the state without
-        its snapshot undonated, donates the params and the snapshot, and returns only
-        what a predicted step changes."""
+    def _phase_program(self, params: PyTree, state: HybridState, batch: Any) -> FusedPhase:
+        """The program of a fused Predict phase (see ``hybrid_jax._fused``)."""
         if PHASE not in self._programs:
-            tx, cfg, metrics_fn = self.tx, self.tx.config, self._metrics_fn
             aux_shape = jax.eval_shape(self._with_aux, params, batch)[1]
             self._missing_aux = missing(aux_shape)
-
-            def program(params, snapshot, rest):
-                state = rest._replace(snapshot=snapshot)
-                params, state, rows, taken = tx.predicted_phase(
-                    state, params, length=cfg.max_horizon, metrics_fn=metrics_fn, unroll=True
-                )
-                moved = {k: getattr(state, k) for k in MOVING}
-                actual = jnp.stack([taken, kind_of(cfg, state)])
-                first = jax.tree.map(lambda r: r[0], rows)
-                packed = pack_rows(rows)
-                return params, state.snapshot, moved, first, packed, actual, outlook(tx, state)
-
-            self._programs[PHASE] = jax.jit(program, donate_argnums=self._donate)
+            self._programs[PHASE] = FusedPhase(
+                self.tx, self._metrics_fn, params, state, donate=bool(self._donate)
+            )
         return self._programs[PHASE]
 
     def _run_phase(self, params: PyTree, state: HybridState, batch: Any):
         """Launches the Predict phase ``state`` is in as one program; returns its first step."""
-        program = self._compiled.get(PHASE) or self._phase_program(params, batch)
-        rest = state._replace(snapshot=None)
-        params, snapshot, moved, first, rows, actual, ahead = program(params, state.snapshot, rest)
-        state = state._replace(**moved, snapshot=snapshot)
-        self._first_row = first
-        rows.copy_to_host_async()  # the other steps' rows, in one array, fetched when ready
-        self._phase = _Phase(rows=rows, served=1, taken=None, after=None, actual=actual)
-        self._pending.append(ahead)
+        phase = self._phase_program(params, state, batch)
+        params, state, first, result = phase(params, state)
+        self._phase = _Phase(result=result, served=1, taken=None, after=None)
+        self._pending.append(result)
         self.phases_fused += 1
         return self._out(params, state, first, self._missing_aux)
 

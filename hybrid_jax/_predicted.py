@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from . import _basis, _monitor, _phases
 from . import _stages as S
+from ._carry import scan_changing
 from ._predictors import PredictContext
 from ._state import Counters, HybridState, StepInfo
 
@@ -200,7 +201,8 @@ def phase_steps(
     in (no parameter is read): ``(moving, total, taken, rows)``, the ``MOVING`` fields
     after them, their summed coefficients over the frozen basis, how many steps were
     taken (the phase stops where it ends) and ``metrics_fn`` of each step's state
-    (``None`` without ``metrics_fn``). The steps' held-back check is left to the pass."""
+    (``None`` without ``metrics_fn``). The steps' held-back check is left to the pass.
+    The fields a step leaves as they are come back as the very values given."""
 
     def body(carry, _):
         moving, total, taken = carry
@@ -216,7 +218,7 @@ def phase_steps(
 
     zero = jnp.zeros((), jnp.int32)
     start = ({k: getattr(state, k) for k in MOVING}, jnp.zeros_like(state.basis.gram[..., 0]), zero)
-    (moving, total, taken), rows = jax.lax.scan(body, start, None, length=length, unroll=unroll)
+    (moving, total, taken), rows = scan_changing(body, start, length=length, unroll=unroll)
     return moving, total, taken, rows
 
 

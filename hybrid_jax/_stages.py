@@ -63,7 +63,9 @@ def ema(old: jax.Array, new: jax.Array, decay: float) -> jax.Array:
 
 
 def choose(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+    """``jnp.where(cond, a, b)`` leaf by leaf (``cond`` a scalar); a leaf that is the same
+    value in both is passed through as it is (see ``hybrid_jax._carry``)."""
+    return jax.tree.map(lambda x, y: x if x is y else jnp.where(cond, x, y), a, b)
 
 
 def global_norm(tree: PyTree) -> jax.Array:

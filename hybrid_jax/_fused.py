@@ -1,0 +1,177 @@
+"""A fused Predict phase's program and its host side (``make_dispatched_step(fuse_predict=True)``).
+
+Stepped from Python, a phase is host-bound: a call's host cost grows with the arrays it
+takes and returns (buffers, Python objects, donation bookkeeping). So the program
+takes the state without its snapshot undonated (XLA drops the fields it does not
+read), donates the params and the snapshot, and returns only the leaves a Predict
+phase changes (found once, by tracing: see ``hybrid_jax._carry``), the first step's
+metrics, and everything the host reads later (the other steps' metrics rows, what
+the phase found, the outlook of the step after it) packed into one int32 array that
+is copied to the host asynchronously and read once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._carry import unchanged_leaves
+from ._kinds import PREDICT, PREDICT_FIRST, kind_after_next, kind_of
+from ._predicted import phase_steps
+from ._state import HybridState
+
+PyTree = Any
+
+TAIL = 5  # int32s after the rows: the outlook of the step after the phase (3), [taken, kind after]
+
+
+def pack_rows(rows: Any) -> jax.Array:
+    """Stacked metrics rows (leaves shaped ``(L, ...)``, 32-bit or bool) as one int32
+    array ``(L, K)``, so that the host fetches them in one transfer."""
+    cols = []
+    for leaf in jax.tree.leaves(rows):
+        flat = leaf.reshape(leaf.shape[0], -1)
+        if jnp.issubdtype(flat.dtype, jnp.floating):
+            flat = jax.lax.bitcast_convert_type(flat.astype(jnp.float32), jnp.int32)
+        cols.append(flat.astype(jnp.int32))
+    return jnp.concatenate(cols, axis=1)
+
+
+class RowLayout:
+    """How ``pack_rows`` lays out one row (``like``: a row, or its ``eval_shape``), worked
+    out once, so that unpacking on the host is a few slices per row."""
+
+    def __init__(self, like: Any):
+        leaves, self.treedef = jax.tree.flatten(like)
+        self.cols, at = [], 0
+        for leaf in leaves:
+            size = int(np.prod(leaf.shape, dtype=np.int64))
+            floating = bool(jnp.issubdtype(leaf.dtype, jnp.floating))
+            self.cols.append((at, at + size, tuple(leaf.shape), np.dtype(leaf.dtype), floating))
+            at += size
+        self.width = at
+
+    def unpack(self, packed: np.ndarray) -> list[Any]:
+        """``pack_rows``'s inverse on the host: one tree of numpy values per row."""
+        per_leaf = []
+        for start, stop, shape, dtype, floating in self.cols:
+            col = np.ascontiguousarray(packed[:, start:stop])
+            col = (col.view(np.float32) if floating else col).astype(dtype, copy=False)
+            per_leaf.append(col.reshape(packed.shape[0], *shape))
+        unflatten = self.treedef.unflatten
+        return [unflatten([c[i] for c in per_leaf]) for i in range(packed.shape[0])]
+
+
+def unpack_rows(packed: np.ndarray, like: Any) -> Any:
+    """``pack_rows``'s inverse on the host, stacked (``like``: one row)."""
+    rows = RowLayout(like).unpack(packed)
+    return jax.tree.map(lambda *xs: np.stack(xs), *rows)
+
+
+class PhaseResult:
+    """What a fused phase's call left for the host: its packed rows and tail (an int32
+    array on its way to the host), read once, when first needed."""
+
+    def __init__(self, packed: jax.Array, layout: RowLayout, length: int):
+        self._packed, self._layout, self._length = packed, layout, length
+        self._host: np.ndarray | None = None
+        self._rows: list[Any] | None = None
+        packed.copy_to_host_async()
+
+    def host(self) -> np.ndarray:
+        """The whole packed array on the host (waits for the phase the first time)."""
+        if self._host is None:
+            self._host = np.asarray(self._packed)
+            self._packed = None
+        return self._host
+
+    def row(self, i: int) -> Any:
+        """Step ``i``'s metrics row (host values)."""
+        if self._rows is None:
+            flat = self.host()[: self._length * self._layout.width]
+            self._rows = self._layout.unpack(flat.reshape(self._length, self._layout.width))
+        return self._rows[i]
+
+    def outlook(self) -> np.ndarray:
+        """int32[3]: ``outlook`` of the state after the phase."""
+        return self.host()[-TAIL:-2]
+
+    def actual(self) -> np.ndarray:
+        """int32[2]: how many steps the phase took and the kind of step after it."""
+        return self.host()[-2:]
+
+
+def outlook(tx: Any, state: HybridState) -> jax.Array:
+    """int32[3]: ``kind_after_next(state)``; and where ``state`` wants a predicted step,
+    how many steps its fused phase program will take and the kind of the step after
+    them (else 0 and -1). Exact: the phase's small state does not read the parameters."""
+    cfg = tx.config
+
+    def ahead(s: HybridState) -> jax.Array:
+        moving, _, taken, _ = phase_steps(tx.setup, s, length=cfg.max_horizon)
+        return jnp.stack([taken, kind_of(cfg, s._replace(**moving))])
+
+    kind = kind_of(cfg, state)
+    wants = (kind == PREDICT_FIRST) | (kind == PREDICT)
+    none = lambda s: jnp.asarray([0, -1], jnp.int32)
+    info = jax.lax.cond(wants, ahead, none, state)
+    return jnp.concatenate([kind_after_next(cfg, state)[None], info]).astype(jnp.int32)
+
+
+class FusedPhase:
+    """The program of a fused Predict phase for ``tx`` (see the module), built for the
+    shapes of ``params`` and ``state``. ``phase(params, state) -> (params, state, first,
+    result)``: the params and state after the whole phase, its first step's metrics
+    (device scalars) and a ``PhaseResult``."""
+
+    def __init__(
+        self, tx: Any, metrics_fn: Callable, params: PyTree, state: HybridState, *, donate: bool
+    ):
+        length = self.length = tx.config.max_horizon
+        run = functools.partial(_run, tx, metrics_fn, length)
+        rest = state._replace(snapshot=None)
+        same = unchanged_leaves(lambda r: run(params, state.snapshot, r)[1], rest)
+        changed = self.changed = tuple(i for i, s in enumerate(same) if not s)
+        self.layout = RowLayout(jax.eval_shape(metrics_fn, state))
+
+        def program(params, snapshot, rest):
+            params, new, rows, taken, snapshot = run(params, snapshot, rest)
+            whole = new._replace(snapshot=snapshot)
+            found = jnp.stack([taken, kind_of(tx.config, whole)])
+            tail = jnp.concatenate([outlook(tx, whole), found])
+            packed = jnp.concatenate([pack_rows(rows).reshape(-1), tail.astype(jnp.int32)])
+            first = jax.tree.map(lambda r: r[0], rows)
+            leaves = jax.tree.leaves(new)
+            return params, snapshot, tuple(leaves[i] for i in changed), first, packed
+
+        self.jitted = jax.jit(program, donate_argnums=(0, 1) if donate else ())
+        self._call = self.jitted
+
+    def compile(self, params: PyTree, state: HybridState) -> None:
+        """Compiles the program now (nothing runs, nothing is donated)."""
+        rest = state._replace(snapshot=None)
+        self._call = self.jitted.lower(params, state.snapshot, rest).compile()
+
+    def __call__(self, params: PyTree, state: HybridState):
+        rest = state._replace(snapshot=None)
+        params, snapshot, changed, first, packed = self._call(params, state.snapshot, rest)
+        leaves, treedef = jax.tree.flatten(rest)
+        for i, x in zip(self.changed, changed, strict=True):
+            leaves[i] = x
+        state = jax.tree.unflatten(treedef, leaves)._replace(snapshot=snapshot)
+        return params, state, first, PhaseResult(packed, self.layout, self.length)
+
+
+def _run(tx: Any, metrics_fn: Callable, length: int, params, snapshot, rest):
+    """The phase on ``rest`` (a state without its snapshot): ``(params, new, rows, taken,
+    snapshot)``, ``new`` the state after it without its snapshot."""
+    state = rest._replace(snapshot=snapshot)
+    params, state, rows, taken = tx.predicted_phase(
+        state, params, length=length, metrics_fn=metrics_fn, unroll=True
+    )
+    return params, state._replace(snapshot=None), rows, taken, state.snapshot
