@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py --model mlp      # digits MLP (CPU-sized)
     python benchmarks/step_cost.py --model lm       # a small byte-level GPT (CPU-sized)
+    python benchmarks/step_cost.py --model tiny     # lm25's tree of arrays, tiny (host cost)
     python benchmarks/step_cost.py --model lm25     # the end-to-end GPU workload, batch 64 x 256
     python benchmarks/step_cost.py --model gpt2     # GPT-2-small shapes, batch 8 x 1024 (GPU)
 
@@ -58,6 +59,9 @@ def build(model: str, seed: int = 0, attention: str = "auto"):
     if model == "lm":
         cfg = tasks.GPTConfig(seq_len=128, d_model=128, n_layers=2, n_heads=4)
         bs = 16
+    elif model == "tiny":  # lm25's and GPT-2's tree of arrays, tiny: the host's cost alone
+        cfg = tasks.GPTConfig(seq_len=16, d_model=32, n_layers=2, n_heads=2)
+        bs = 4
     elif model == "lm25":  # the end-to-end benchmark's GPU workload (25.4M parameters)
         cfg = tasks.GPTConfig(
             seq_len=256, d_model=512, n_layers=8, n_heads=8, compute_dtype="bfloat16"
@@ -196,7 +200,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", choices=["mlp", "lm", "lm25", "gpt2"], default="mlp")
+    ap.add_argument("--model", choices=["mlp", "tiny", "lm", "lm25", "gpt2"], default="mlp")
     ap.add_argument("--steps", type=int, default=0, help="steps per timed loop (0: by model)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--basis-dtype", default="float32")
@@ -220,7 +224,7 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="trace a loop of each mode here")
     ap.add_argument("--dump-hlo", default="", help="write each hybrid variant's optimised HLO here")
     args = ap.parse_args()
-    n = args.steps or {"mlp": 200, "lm": 50, "lm25": 20, "gpt2": 20}[args.model]
+    n = args.steps or {"mlp": 200, "tiny": 200, "lm": 50, "lm25": 20, "gpt2": 20}[args.model]
 
     params0, loss_fn, batch = build(args.model)
     n_params = sum(x.size for x in jax.tree.leaves(params0))

@@ -92,3 +92,58 @@ def test_fuse_predict_refuses_the_monitors_forward_passes():
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(monitor_every=2))
     with pytest.raises(ValueError, match="monitor_every"):
         hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True)
+
+
+def test_packed_rows_unpack_exactly():
+    from hybrid_jax._fused import RowLayout, pack_rows, unpack_rows
+
+    rows = {
+        "f": jnp.asarray([1.5, jnp.nan, -jnp.inf, 3e-38], jnp.float32),
+        "i": jnp.asarray([0, -1, 2**31 - 1, -(2**31)], jnp.int32),
+        "b": jnp.asarray([True, False, True, False]),
+        "v": jnp.arange(12, dtype=jnp.float32).reshape(4, 3) / 7,
+    }
+    like = jax.tree.map(lambda r: r[0], rows)
+    packed = np.asarray(pack_rows(rows))
+    assert packed.dtype == np.int32 and packed.shape == (4, 6)
+    host = RowLayout(like).unpack(packed)
+    for i, row in enumerate(host):
+        for k, v in row.items():
+            want = np.asarray(rows[k][i])
+            assert v.dtype == want.dtype and v.shape == want.shape, k
+            assert np.asarray(v).tobytes() == want.tobytes(), k
+    stacked = unpack_rows(packed, like)
+    assert all(np.asarray(stacked[k]).tobytes() == np.asarray(rows[k]).tobytes() for k in rows)
+
+
+def test_a_scan_carries_only_what_changes_and_passes_the_rest_through():
+    from hybrid_jax._carry import scan_changing, unchanged_leaves
+
+    def body(c, _):
+        return {"a": c["a"] + 1.0, "b": c["b"], "n": c["n"] * 2}, c["a"]
+
+    start = {"a": jnp.zeros(3), "b": jnp.ones(2), "n": jnp.asarray(1)}
+    assert unchanged_leaves(lambda c: body(c, None)[0], start) == (False, True, False)
+    got, ys = jax.jit(lambda c: scan_changing(body, c, length=4))(start)
+    want, wys = jax.lax.scan(body, start, None, length=4)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), (got, ys), (want, wys))
+    passed = jax.make_jaxpr(lambda c: scan_changing(body, c, length=4)[0]["b"])(start)
+    assert passed.jaxpr.outvars[0] is passed.jaxpr.invars[1]  # "b": not carried, not copied
+
+
+def test_a_fused_phase_returns_only_the_leaves_it_changes():
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
+    step = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True)
+    params = tasks.mlp_init(jax.random.key(0))
+    state = tx.init(params)
+    for b in _batches(120):
+        before = state
+        params, state, _ = step(params, state, b)
+        if step.steps_ahead:
+            break
+    phase = step._programs[hj._dispatch.PHASE]
+    n_rest = len(jax.tree.leaves(state._replace(snapshot=None)))
+    assert 0 < len(phase.changed) < n_rest // 2
+    for name in ("inner", "basis", "encoder", "residuals", "bandit", "corrector"):
+        old, new = jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(state, name))
+        assert len(old) == len(new) and all(x is y for x, y in zip(old, new, strict=True)), name
