@@ -28,6 +28,19 @@ from .config import (
 
 PyTree = Any
 
+# A Predict phase rejected by the cost rule alone (within ``verify_tolerance`` of the
+# snapshot's loss, no monitor rollback) keeps its verifying step: the gradient taken at
+# the predicted parameters is applied as a real update from the snapshot. It is a
+# gradient from a point at most ``max_horizon`` predicted steps away, like a stale
+# gradient in asynchronous training; a phase rejected by the guard or the monitor (a
+# point that may be far off) applies nothing.
+REUSE_VERIFY_GRADIENT = True
+# Predict phases start as probes: the horizon scale starts at its floor (a phase of
+# ``min_horizon`` steps), doubles at each accepted phase and falls back to the floor at a
+# rollback, so that a rejected phase wastes few predicted steps. False: it starts at 1
+# and a rollback multiplies it by ``horizon_shrink``.
+PROBE_AFTER_ROLLBACK = True
+
 
 class Setup(NamedTuple):
     """What the stages need that does not change during a run (static)."""
@@ -106,7 +119,8 @@ class Check(NamedTuple):
     skip: jax.Array  # non-finite loss or gradient: nothing is applied
     accepted: jax.Array  # the Predict phase being verified passed
     rollback: jax.Array  # the parameters go back to the snapshot
-    drop: jax.Array  # skip or rollback: the optimizer's update is not applied
+    reuse: jax.Array  # a rollback that applies this step's update from the snapshot
+    drop: jax.Array  # skip, or a rollback without reuse: the optimizer's update is not applied
     verdict: _monitor.Verdict
     monitor: _monitor.MonitorState
     short: jax.Array  # the phase passed the guard but not the cost rule
@@ -146,6 +160,10 @@ def check(
 
     A phase is accepted when the loss at the new parameters is within
     ``verify_tolerance`` of the snapshot's (the guard) and the cost rule holds (``pays``).
+    A phase that passed the guard but not the cost rule, and that the monitor does not
+    roll back, is rolled back *with reuse* (``REUSE_VERIFY_GRADIENT``): the verifying
+    step's gradient, taken at the predicted parameters, is applied as a real optimizer
+    update from the snapshot, so that the step is not wasted.
     """
     loss_ok = jnp.isfinite(loss) if loss_given else jnp.asarray(True)
     skip = ~(loss_ok & jnp.isfinite(grad_norm))
@@ -160,11 +178,15 @@ def check(
         rollback = state.snapshot_valid & (~accepted | verdict.rollback)
     else:
         rollback = jnp.asarray(False)
+    reuse = rollback & guarded & ~paid & ~verdict.rollback & ~skip
+    if not REUSE_VERIFY_GRADIENT:
+        reuse = jnp.asarray(False)
     return Check(
         skip=skip,
         accepted=jnp.asarray(accepted),
         rollback=rollback,
-        drop=skip | rollback,
+        reuse=reuse,
+        drop=skip | (rollback & ~reuse),
         verdict=verdict,
         monitor=monitor,
         short=jnp.asarray(guarded & ~paid),
@@ -421,7 +443,9 @@ def plan(
     """Confidence, horizon scale and the horizon (or the bandit's arm) of the next phase."""
     cfg = setup.cfg
     scale = shrink(setup, state.horizon_scale, c.verdict)
-    scale = jnp.where(c.rollback, scale * cfg.horizon_shrink, scale)
+    # a rollback: back to the floor (a probe), or shrunk by horizon_shrink
+    after_rollback = 0.0 if PROBE_AFTER_ROLLBACK else scale * cfg.horizon_shrink
+    scale = jnp.where(c.rollback, after_rollback, scale)
     scale = floor_scale(setup, jnp.where(c.accepted, jnp.minimum(scale * 2.0, 1.0), scale))
     if observe:
         ctx = PredictContext(jnp.int32(0), f_accuracy, trend)
