@@ -165,8 +165,9 @@ def test_the_loss_level_is_an_ema_that_ignores_flagged_losses():
     assert float(_stages.level(setup, state, jnp.float32(jnp.nan), calm).level) == 2.0
 
 
-def test_plan_shrinks_the_horizon_at_a_rollback_and_grows_it_back_when_accepted():
+def test_plan_falls_back_to_a_probe_at_a_rollback_and_grows_when_accepted():
     setup, state, _ = _setup(horizon_shrink=0.5, min_horizon=1, max_horizon=8)
+    assert float(state.horizon_scale) == 0.125  # the first phase is a probe: min / max
     ln = _stages.unobserved(setup, state)
     calm = hj._monitor.calm()
     c = _stages.Check(
@@ -180,14 +181,19 @@ def test_plan_shrinks_the_horizon_at_a_rollback_and_grows_it_back_when_accepted(
         short=F,
     )
     acc, trend = state.stats.accuracy, state.stats.log_loss_trend
+    state = state._replace(horizon_scale=jnp.float32(1.0))
     back = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
-    assert float(back.scale) == 0.5 and int(back.horizon) == 4
-    state = state._replace(horizon_scale=jnp.float32(0.125))
-    floor = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
-    assert float(floor.scale) == 0.125 and int(floor.horizon) == 1  # min_horizon / max_horizon
+    assert float(back.scale) == 0.125 and int(back.horizon) == 1  # min_horizon / max_horizon
+    state = state._replace(horizon_scale=back.scale)
     ok = c._replace(accepted=T, rollback=F, drop=F)
-    up = _stages.plan(setup, state, ln, ok, acc, trend, state.bandit, observe=False)
-    assert float(up.scale) == 0.25
+    for want in (2, 4, 8, 8):  # doubles with each accepted phase, up to max_horizon
+        up = _stages.plan(setup, state, ln, ok, acc, trend, state.bandit, observe=False)
+        assert int(up.horizon) == want
+        state = state._replace(horizon_scale=up.scale)
+    # a monitor caution still shrinks by horizon_shrink
+    caution = ok._replace(accepted=F, verdict=calm._replace(shrink_horizon=T))
+    shrunk = _stages.plan(setup, state, ln, caution, acc, trend, state.bandit, observe=False)
+    assert float(shrunk.scale) == 0.5
 
 
 def test_guard_keeps_non_finite_values_out_and_an_idle_step_applies_nothing():
@@ -376,3 +382,17 @@ def test_a_phase_rejected_by_the_guard_returns_exactly_to_the_snapshot():
     for got, s in zip(jax.tree.leaves(new_params), jax.tree.leaves(snapshot), strict=True):
         np.testing.assert_array_equal(got, s)
     jax.tree.map(np.testing.assert_array_equal, new_state.inner, state.inner)
+
+
+def test_an_accepted_phase_takes_one_rejection_off_the_back_off():
+    accept = fast_config(verify_tolerance=1e9, predict_cost_ratio=0.0, monitor=None)
+    _, step, params, state, batch = _at_verification(accept)
+    state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
+    _, new, m = step(params, state, batch)
+    assert bool(m["verified"]) and not bool(m["rolled_back"])
+    assert int(new.phase.rejected) == 3 - _phases.ACCEPT_FORGIVES == 2
+    # a rollback adds one
+    _, step, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
+    state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
+    _, new, m = step(params, state, batch)
+    assert bool(m["rolled_back"]) and int(new.phase.rejected) == 4
