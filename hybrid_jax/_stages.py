@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _bandit, _basis, _encoder, _monitor, _phases, _residuals
+from ._cost import pays
 from ._predictors import Observation, PredictContext, Prediction, Predictor
 from ._schedules import at_step
 from ._state import HybridState
@@ -28,17 +29,11 @@ from .config import (
 
 PyTree = Any
 
-# A Predict phase rejected by the cost rule alone (within ``verify_tolerance`` of the
-# snapshot's loss, no monitor rollback) keeps its verifying step: the gradient taken at
-# the predicted parameters is applied as a real update from the snapshot. It is a
-# gradient from a point at most ``max_horizon`` predicted steps away, like a stale
-# gradient in asynchronous training; a phase rejected by the guard or the monitor (a
-# point that may be far off) applies nothing.
+# A phase rejected by the cost rule alone keeps its verifying step's update, applied
+# from the snapshot (``check``); False: a rollback applies nothing.
 REUSE_VERIFY_GRADIENT = True
-# Predict phases start as probes: the horizon scale starts at its floor (a phase of
-# ``min_horizon`` steps), doubles at each accepted phase and falls back to the floor at a
-# rollback, so that a rejected phase wastes few predicted steps. False: it starts at 1
-# and a rollback multiplies it by ``horizon_shrink``.
+# The horizon scale starts at its floor (a probe of ``min_horizon`` steps) and falls back
+# to it at a rollback (``plan``); False: it starts at 1, a rollback shrinks it.
 PROBE_AFTER_ROLLBACK = True
 
 
@@ -126,25 +121,6 @@ class Check(NamedTuple):
     short: jax.Array  # the phase passed the guard but not the cost rule
 
 
-def expected_decrease(snapshot_loss: jax.Array, trend: jax.Array, h: jax.Array) -> jax.Array:
-    """The loss decrease ``h`` real steps from ``snapshot_loss`` were expected to make:
-    ``snapshot_loss * (1 - exp(h * min(trend, 0)))``, with ``trend`` the running
-    per-real-step change of the log loss level (0 where it is not negative)."""
-    rate = jnp.minimum(jnp.asarray(trend, jnp.float32), 0.0)
-    return snapshot_loss * -jnp.expm1(jnp.asarray(h, jnp.float32) * rate)
-
-
-def pays(cfg: HybridConfig, state: HybridState, snapshot_loss, loss) -> jax.Array:
-    """The cost rule: the Predict phase that ended (``state.last.horizon`` steps, its
-    planned length) lowered the loss by at least ``predict_cost_ratio`` times what as
-    many real steps were expected to (where nothing was expected: it did not raise it).
-    Always true with ``predict_cost_ratio == 0``."""
-    if cfg.predict_cost_ratio == 0:
-        return jnp.asarray(True)
-    expected = expected_decrease(snapshot_loss, state.stats.log_loss_trend, state.last.horizon)
-    return snapshot_loss - loss >= cfg.predict_cost_ratio * expected
-
-
 def check(
     setup: Setup,
     state: HybridState,
@@ -160,10 +136,11 @@ def check(
 
     A phase is accepted when the loss at the new parameters is within
     ``verify_tolerance`` of the snapshot's (the guard) and the cost rule holds (``pays``).
-    A phase that passed the guard but not the cost rule, and that the monitor does not
-    roll back, is rolled back *with reuse* (``REUSE_VERIFY_GRADIENT``): the verifying
-    step's gradient, taken at the predicted parameters, is applied as a real optimizer
-    update from the snapshot, so that the step is not wasted.
+    A phase that passed the guard but not the cost rule (and that the monitor does not
+    roll back) is rolled back with ``reuse``: the verifying step's gradient, taken at the
+    predicted parameters at most ``max_horizon`` steps from the snapshot (a stale
+    gradient, as in asynchronous training), is applied as a real update from the
+    snapshot. After the guard or the monitor (a point that may be far off) nothing is.
     """
     loss_ok = jnp.isfinite(loss) if loss_given else jnp.asarray(True)
     skip = ~(loss_ok & jnp.isfinite(grad_norm))
@@ -443,7 +420,6 @@ def plan(
     """Confidence, horizon scale and the horizon (or the bandit's arm) of the next phase."""
     cfg = setup.cfg
     scale = shrink(setup, state.horizon_scale, c.verdict)
-    # a rollback: back to the floor (a probe), or shrunk by horizon_shrink
     after_rollback = 0.0 if PROBE_AFTER_ROLLBACK else scale * cfg.horizon_shrink
     scale = jnp.where(c.rollback, after_rollback, scale)
     scale = floor_scale(setup, jnp.where(c.accepted, jnp.minimum(scale * 2.0, 1.0), scale))

@@ -16,7 +16,7 @@ from conftest import (
 )
 
 import hybrid_jax as hj
-from hybrid_jax import _kinds, _phases, _predicted, _stages
+from hybrid_jax import _cost, _kinds, _phases, _predicted, _stages
 
 T, F = jnp.asarray(True), jnp.asarray(False)
 
@@ -271,10 +271,10 @@ def _after_phase(state, trend, horizon):
 
 
 def test_expected_decrease_is_what_h_real_steps_at_the_trend_make():
-    got = _stages.expected_decrease(jnp.float32(2.0), jnp.float32(-0.01), jnp.int32(4))
+    got = _cost.expected_decrease(jnp.float32(2.0), jnp.float32(-0.01), jnp.int32(4))
     assert np.isclose(float(got), 2.0 * (1.0 - np.exp(-0.04)), rtol=1e-6)
     # a rising or flat loss level expects nothing
-    assert float(_stages.expected_decrease(jnp.float32(2.0), jnp.float32(0.3), 4)) == 0.0
+    assert float(_cost.expected_decrease(jnp.float32(2.0), jnp.float32(0.3), 4)) == 0.0
 
 
 def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced():
