@@ -1,8 +1,10 @@
 """The cost rule and the trajectory predictors on scikit-learn digits (CPU).
 
-    python benchmarks/digits_acceptance.py [--steps 1200] [--seeds 3] [--out FILE]
+    python benchmarks/digits_acceptance.py [--model mlp|cnn] [--steps 1200] [--seeds 3]
+        [--lrs 3e-4,1e-3] [--arms default,...] [--out FILE]
 
-For each learning rate and seed, every arm trains the digits MLP for ``--steps`` steps
+For each learning rate and seed, every arm trains the digits MLP (``--model cnn``: the
+digits CNN of ``hybrid_jax.tasks``) for ``--steps`` steps
 with the same initialisation and data order; plain AdamW runs once per (lr, seed) and
 its held-out loss is recorded after every number of steps an arm needs. Printed per arm:
 the share of backward passes skipped, accepted / verified Predict phases, rejections by
@@ -66,8 +68,12 @@ def arms() -> dict[str, hj.HybridConfig]:
     }
 
 
+MODELS = {"mlp": (tasks.mlp_loss, tasks.mlp_init), "cnn": (tasks.cnn_loss, tasks.cnn_init)}
+MODEL = "mlp"  # set by --model
+
+
 def held_out(split, params) -> float:
-    return float(tasks.mlp_loss(params, (split.x_test, split.y_test)))
+    return float(MODELS[MODEL][0](params, (split.x_test, split.y_test)))
 
 
 def hybrid_run(split, lr, cfg, steps, seed) -> dict:
@@ -75,10 +81,11 @@ def hybrid_run(split, lr, cfg, steps, seed) -> dict:
         return tasks.batches(split.x_train, split.y_train, 64, seed=seed, start=start)
 
     tx = hj.predictive(optax.adamw(lr), cfg)
+    loss_fn, init = MODELS[MODEL]
     res = hj.train(
-        tasks.mlp_loss,
+        loss_fn,
         tx,
-        tasks.mlp_init(jax.random.key(seed)),
+        init(jax.random.key(seed)),
         data,
         steps=steps,
         sync_every=steps,
@@ -98,14 +105,15 @@ def hybrid_run(split, lr, cfg, steps, seed) -> dict:
 
 def adamw_curve(split, lr, steps, seed, at: set[int]) -> dict[int, float]:
     tx = optax.adamw(lr)
+    loss_fn, init = MODELS[MODEL]
 
     @jax.jit
     def step(params, state, batch):
-        grads = jax.grad(tasks.mlp_loss)(params, batch)
+        grads = jax.grad(loss_fn)(params, batch)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    params = tasks.mlp_init(jax.random.key(seed))
+    params = init(jax.random.key(seed))
     state = tx.init(params)
     stream = tasks.batches(split.x_train, split.y_train, 64, seed=seed)
     out = {}
@@ -116,14 +124,38 @@ def adamw_curve(split, lr, steps, seed, at: set[int]) -> dict[int, float]:
     return out
 
 
+def ablate(spec: str) -> None:
+    """Sets module constants of ``hybrid_jax._stages`` / ``_phases`` (read when a step is
+    traced) from ``NAME=VALUE,...``."""
+    from hybrid_jax import _phases, _stages
+
+    for item in filter(None, spec.split(",")):
+        name, value = item.split("=")
+        mod = _stages if hasattr(_stages, name) else _phases
+        if not hasattr(mod, name):
+            raise SystemExit(f"--set: no constant {name} in hybrid_jax._stages or _phases")
+        setattr(mod, name, type(getattr(mod, name))(int(value)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="mlp", choices=sorted(MODELS))
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lrs", default="3e-4,1e-3")
     ap.add_argument("--arms", default=",".join(arms()))
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--set",
+        default="",
+        help="ablations: NAME=VALUE,... of the module constants of hybrid_jax._stages and "
+        "hybrid_jax._phases (e.g. REUSE_VERIFY_GRADIENT=0,PROBE_AFTER_ROLLBACK=0,"
+        "ACCEPT_FORGIVES=99: the behaviour before they were added)",
+    )
     args = ap.parse_args()
+    ablate(args.set)
+    global MODEL
+    MODEL = args.model
     split = tasks.digits(0)
     configs = {k: v for k, v in arms().items() if k in args.arms.split(",")}
     rows = []
@@ -167,6 +199,8 @@ def main() -> None:
                     runs=rs,
                     adamw=[{str(k): v for k, v in b.items()} for b in base],
                     steps=args.steps,
+                    model=args.model,
+                    set=args.set,
                 )
             )
     print(json.dumps(environment()))

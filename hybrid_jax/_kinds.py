@@ -161,14 +161,14 @@ def real_step(with_aux: Callable, tx: Any, *, verify: bool, observe: bool) -> Ca
         if verify:
             snap = with_aux(state.snapshot, batch)[0].astype(jnp.float32)
         (loss, aux), grads = jax.value_and_grad(with_aux, has_aux=True)(params, batch)
-        updates, new = tx.real_update(
+        out = tx.real_parts(
             grads, state, params, value=loss, snapshot_value=snap, verify=verify, observe=observe
         )
-        stepped = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-        if verify:  # a rollback restores the snapshot exactly
-            back = new.last.rolled_back
-            stepped = jax.tree.map(lambda p, s: jnp.where(back, s, p), stepped, state.snapshot)
-        return stepped, new, aux
+        base = params
+        if verify:  # a rollback restores the snapshot exactly, then applies its update
+            base = jax.tree.map(lambda p, s: jnp.where(out.rollback, s, p), params, state.snapshot)
+        stepped = jax.tree.map(lambda b, u: (b + u).astype(b.dtype), base, out.updates)
+        return stepped, out.state, aux
 
     return run
 

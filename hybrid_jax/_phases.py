@@ -31,7 +31,7 @@ class Phase(NamedTuple):
     step: jax.Array  # steps already taken in this phase
     budget: jax.Array  # length of this phase
     consecutive: jax.Array  # Predict phases since the last Full phase
-    rejected: jax.Array = 0  # Predict phases rolled back in a row (the back-off's exponent)
+    rejected: jax.Array = 0  # the back-off's exponent: rollbacks, less ACCEPT_FORGIVES per accept
 
 
 class Pending(NamedTuple):
@@ -46,6 +46,10 @@ def _i32(x: int | jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.int32)
 
 
+# What an accepted Predict phase takes off the back-off's exponent (the rejected phases
+# counted so far): one, so that a predictor accepted now and then but mostly rejected
+# stays backed off. (A large value: an accepted phase resets the back-off.)
+ACCEPT_FORGIVES = 1
 MAX_BACKOFF = 5  # a forced Full phase is at most 2**5 = 32 times full_steps long
 
 
@@ -127,8 +131,9 @@ def gate(cfg: HybridConfig, confidence: jax.Array, pending: Pending) -> jax.Arra
 
 def backed_off(cfg: HybridConfig, ph: Phase) -> Phase:
     """The Full phase forced after a rollback or a monitor warning: ``full_steps`` times
-    2 to the number of Predict phases rejected in a row (at most 2**MAX_BACKOFF), so that
-    a predictor that does not pay is tried less and less often."""
+    2 to the back-off's exponent ``ph.rejected`` (at most 2**MAX_BACKOFF): each rollback
+    adds one, each accepted phase takes ``ACCEPT_FORGIVES`` off, so that a predictor
+    that does not pay is tried less and less often."""
     factor = jnp.left_shift(1, jnp.minimum(jnp.asarray(ph.rejected, jnp.int32), MAX_BACKOFF))
     return make(FULL, cfg.full_steps * factor, 0, ph.rejected)
 

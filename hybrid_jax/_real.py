@@ -28,7 +28,15 @@ class Measured(NamedTuple):
     fit_r2: jax.Array
 
 
-def real_update(
+class RealUpdate(NamedTuple):
+    """A real step's outcome before it touches the parameters."""
+
+    updates: PyTree  # the optimizer's update (zero where dropped)
+    rollback: jax.Array  # the update applies to the snapshot, not to the parameters
+    state: HybridState
+
+
+def real_parts(
     setup: S.Setup,
     grads: PyTree,
     state: HybridState,
@@ -40,12 +48,13 @@ def real_update(
     snapshot_value: jax.Array | None = None,
     can_verify: bool = True,
     **extra_args: Any,
-) -> tuple[PyTree, HybridState]:
+) -> RealUpdate:
     """A real step of the kind ``kind_of(state)`` names (``hybrid_jax._kinds``):
     ``verify`` (static) checks the Predict phase that ended, with ``snapshot_value`` (the
     loss at the snapshot on the same batch); ``observe`` (static) teaches the hybrid.
-    ``can_verify=False`` starts no Predict phase. A rollback is returned as the update
-    ``snapshot - params``."""
+    ``can_verify=False`` starts no Predict phase. Where ``rollback``, the parameters go
+    back to ``state.snapshot`` and ``updates`` (zero, or the optimizer's update computed
+    from the snapshot: ``_stages.REUSE_VERIFY_GRADIENT``) applies there."""
     if params is None:
         raise ValueError("hj.predictive: update needs params")
     observe = observe or verify
@@ -63,15 +72,26 @@ def real_update(
     )
     rw = S.reward(setup, state, snapshot_loss=snap, loss=m.loss, verifying=verify, observe=observe)
     pl = S.plan(setup, state, m.learned, m.check, m.accuracy, m.level.trend, rw.bandit, observe)
-    if verify:
-        updates = jax.tree.map(
-            lambda u, s, p: jnp.where(m.check.rollback, (s - p).astype(u.dtype), u),
-            updates,
-            state.snapshot,
-            params,
-        )
     flags = (verify, observe, can_verify, snapshot_value is not None)
-    return updates, after_real(setup, state, inner_state, m, rw, pl, flags)
+    new = after_real(setup, state, inner_state, m, rw, pl, flags)
+    return RealUpdate(updates=updates, rollback=m.check.rollback, state=new)
+
+
+def real_update(
+    setup: S.Setup, grads: PyTree, state: HybridState, params: PyTree | None = None, **kw: Any
+) -> tuple[PyTree, HybridState]:
+    """``real_parts`` as an optax update: a rollback is returned as the update
+    ``snapshot - params`` plus the update applied from the snapshot."""
+    out = real_parts(setup, grads, state, params, **kw)
+    if not kw.get("verify"):
+        return out.updates, out.state
+    updates = jax.tree.map(
+        lambda u, s, p: jnp.where(out.rollback, (s - p).astype(u.dtype) + u, u),
+        out.updates,
+        state.snapshot,
+        params,
+    )
+    return updates, out.state
 
 
 def measure(
@@ -103,7 +123,8 @@ def measure(
         predicted_loss=pk.loss,
     )
     extra = {**extra_args, "value": value} if value is not None else extra_args
-    updates, inner_state = S.apply_inner(setup, grads, state, params, c.drop, **extra)
+    at = S.choose(c.reuse, state.snapshot, params) if verify else params
+    updates, inner_state = S.apply_inner(setup, grads, state, at, c.drop, **extra)
     lv = S.level(setup, state, loss, c.verdict)
     if not observe:
         ln = S.unobserved(setup, state)
@@ -159,9 +180,11 @@ def after_real(
     entering = (sched.phase.id == _phases.PREDICT) & (state.phase.id != _phases.PREDICT)
     remembered = _bandit.remember(rw.bandit, pl.arm, pl.context)
     unhealthy = c.skip | (~jnp.isfinite(ln.update_norm) if observe else False)
-    # the back-off's exponent: rejected phases in a row (acts on the next forced Full phase)
+    # the back-off's exponent: rejected phases, less ACCEPT_FORGIVES per accepted one (acts
+    # on the next forced Full phase)
     rejected = jnp.where(c.rollback, state.phase.rejected + 1, state.phase.rejected)
-    rejected = jnp.where(c.accepted, 0, rejected).astype(jnp.int32)
+    forgiven = jnp.maximum(rejected - _phases.ACCEPT_FORGIVES, 0)
+    rejected = jnp.where(c.accepted, forgiven, rejected).astype(jnp.int32)
     return state._replace(
         inner=inner_state,
         phase=sched.phase._replace(rejected=rejected),

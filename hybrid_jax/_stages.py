@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _bandit, _basis, _encoder, _monitor, _phases, _residuals
+from ._cost import pays
 from ._predictors import Observation, PredictContext, Prediction, Predictor
 from ._schedules import at_step
 from ._state import HybridState
@@ -27,6 +28,13 @@ from .config import (
 )
 
 PyTree = Any
+
+# A phase rejected by the cost rule alone keeps its verifying step's update, applied
+# from the snapshot (``check``); False: a rollback applies nothing.
+REUSE_VERIFY_GRADIENT = True
+# The horizon scale starts at its floor (a probe of ``min_horizon`` steps) and falls back
+# to it at a rollback (``plan``); False: it starts at 1, a rollback shrinks it.
+PROBE_AFTER_ROLLBACK = True
 
 
 class Setup(NamedTuple):
@@ -108,29 +116,11 @@ class Check(NamedTuple):
     skip: jax.Array  # non-finite loss or gradient: nothing is applied
     accepted: jax.Array  # the Predict phase being verified passed
     rollback: jax.Array  # the parameters go back to the snapshot
-    drop: jax.Array  # skip or rollback: the optimizer's update is not applied
+    reuse: jax.Array  # a rollback that applies this step's update from the snapshot
+    drop: jax.Array  # skip, or a rollback without reuse: the optimizer's update is not applied
     verdict: _monitor.Verdict
     monitor: _monitor.MonitorState
     short: jax.Array  # the phase passed the guard but not the cost rule
-
-
-def expected_decrease(snapshot_loss: jax.Array, trend: jax.Array, h: jax.Array) -> jax.Array:
-    """The loss decrease ``h`` real steps from ``snapshot_loss`` were expected to make:
-    ``snapshot_loss * (1 - exp(h * min(trend, 0)))``, with ``trend`` the running
-    per-real-step change of the log loss level (0 where it is not negative)."""
-    rate = jnp.minimum(jnp.asarray(trend, jnp.float32), 0.0)
-    return snapshot_loss * -jnp.expm1(jnp.asarray(h, jnp.float32) * rate)
-
-
-def pays(cfg: HybridConfig, state: HybridState, snapshot_loss, loss) -> jax.Array:
-    """The cost rule: the Predict phase that ended (``state.last.horizon`` steps, its
-    planned length) lowered the loss by at least ``predict_cost_ratio`` times what as
-    many real steps were expected to (where nothing was expected: it did not raise it).
-    Always true with ``predict_cost_ratio == 0``."""
-    if cfg.predict_cost_ratio == 0:
-        return jnp.asarray(True)
-    expected = expected_decrease(snapshot_loss, state.stats.log_loss_trend, state.last.horizon)
-    return snapshot_loss - loss >= cfg.predict_cost_ratio * expected
 
 
 def check(
@@ -148,6 +138,11 @@ def check(
 
     A phase is accepted when the loss at the new parameters is within
     ``verify_tolerance`` of the snapshot's (the guard) and the cost rule holds (``pays``).
+    A phase that passed the guard but not the cost rule (and that the monitor does not
+    roll back) is rolled back with ``reuse``: the verifying step's gradient, taken at the
+    predicted parameters at most ``max_horizon`` steps from the snapshot (a stale
+    gradient, as in asynchronous training), is applied as a real update from the
+    snapshot. After the guard or the monitor (a point that may be far off) nothing is.
     """
     loss_ok = jnp.isfinite(loss) if loss_given else jnp.asarray(True)
     skip = ~(loss_ok & jnp.isfinite(grad_norm))
@@ -162,11 +157,15 @@ def check(
         rollback = state.snapshot_valid & (~accepted | verdict.rollback)
     else:
         rollback = jnp.asarray(False)
+    reuse = rollback & guarded & ~paid & ~verdict.rollback & ~skip
+    if not REUSE_VERIFY_GRADIENT:
+        reuse = jnp.asarray(False)
     return Check(
         skip=skip,
         accepted=jnp.asarray(accepted),
         rollback=rollback,
-        drop=skip | rollback,
+        reuse=reuse,
+        drop=skip | (rollback & ~reuse),
         verdict=verdict,
         monitor=monitor,
         short=jnp.asarray(guarded & ~paid),
@@ -423,7 +422,8 @@ def plan(
     """Confidence, horizon scale and the horizon (or the bandit's arm) of the next phase."""
     cfg = setup.cfg
     scale = shrink(setup, state.horizon_scale, c.verdict)
-    scale = jnp.where(c.rollback, scale * cfg.horizon_shrink, scale)
+    after_rollback = 0.0 if PROBE_AFTER_ROLLBACK else scale * cfg.horizon_shrink
+    scale = jnp.where(c.rollback, after_rollback, scale)
     scale = floor_scale(setup, jnp.where(c.accepted, jnp.minimum(scale * 2.0, 1.0), scale))
     if observe:
         ctx = PredictContext(jnp.int32(0), f_accuracy, trend)

@@ -31,7 +31,9 @@ def hybrid_step(
     Real branch: ``value_and_grad(loss_fn)``, the wrapped optimizer's update, and what
     the transformation learns from it; on the first real step after a Predict phase, one
     more forward pass (the loss at the phase's snapshot, on the same batch) verifies the
-    phase, and a rejected phase is rolled back exactly to the snapshot. Predicted branch:
+    phase, and a rejected phase is rolled back exactly to the snapshot (then, where the
+    cost rule alone rejected it, the verifying step's update is applied from there).
+    Predicted branch:
     the predicted update only, no backward pass and no forward pass, except a forward
     pass (the loss at the step's starting parameters, which the divergence monitor
     checks) every ``config.monitor_every`` predicted steps when that is > 0.

@@ -15,7 +15,7 @@ from . import _bandit, _basis, _encoder, _kinds, _monitor, _phases, _residuals
 from . import _stages as S
 from ._predicted import predicted_phase, predicted_update
 from ._predictors import Predictor, PredictorSpec, builtin
-from ._real import real_update
+from ._real import real_parts, real_update
 from ._state import Counters, HybridState, Stats, StepInfo
 from .config import RESIDUAL_BUFFER_SIZE, HybridConfig
 
@@ -31,6 +31,8 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
     - ``kind(state) -> int32[]``: the kind of the next step (``hybrid_jax._kinds``);
     - ``real_update(grads, state, params, *, value=None, snapshot_value=None,
       verify=False, observe=True, **extra_args)``: a real step of a given kind;
+    - ``real_parts(...)``: the same, as ``(updates, rollback, state)``: where
+      ``rollback`` the parameters go back to the snapshot and ``updates`` apply there;
     - ``predicted_update(state, params, *, first=False, loss=None)``: a predicted step;
     - ``predicted_phase(state, params, *, length, metrics_fn)``: up to ``length`` steps
       of a Predict phase as one program (see ``hybrid_jax._predicted``);
@@ -48,6 +50,7 @@ class PredictiveTransformation(optax.GradientTransformationExtraArgs):
         self.needs_gradient = lambda state: state.phase.id != _phases.PREDICT
         self.kind = functools.partial(_kinds.kind_of, setup.cfg)
         self.real_update = functools.partial(real_update, setup)
+        self.real_parts = functools.partial(real_parts, setup)
         self.predicted_update = functools.partial(predicted_update, setup)
         self.predicted_phase = functools.partial(predicted_phase, setup)
         self.snapshot_loss = snapshot_loss
@@ -149,7 +152,7 @@ def init(setup: S.Setup, params: PyTree) -> HybridState:
         ),
         snapshot=jax.tree.map(jnp.copy, params),  # its own buffers, as under jit
         snapshot_valid=false,
-        horizon_scale=f32(1.0),
+        horizon_scale=f32(cfg.min_horizon / cfg.max_horizon if S.PROBE_AFTER_ROLLBACK else 1.0),
         residuals=_residuals.init_buffer(RESIDUAL_BUFFER_SIZE, lay.n_groups, size, n_feat),
         corrector=_residuals.init_corrector(lay.n_groups, size),
         monitor=_monitor.init(),

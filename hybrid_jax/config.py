@@ -67,7 +67,7 @@ class HybridConfig(_Settings):
       correct_steps: real steps after each Predict phase (>= 1); the first verifies it.
       max_consecutive_predicts: Predict phases allowed between two Full phases (>= 1).
       min_horizon, max_horizon: shortest and longest Predict phase (1 <= min <= max).
-      horizon_policy: ``"fixed"`` (always ``max_horizon``), ``"confidence"`` (from
+      horizon_policy: ``"fixed"`` (``max_horizon``), ``"confidence"`` (from
         ``min_horizon`` at the threshold to ``max_horizon`` at confidence 1) or
         ``"bandit"`` (LinUCB over ``bandit.horizons``); every horizon is multiplied by
         the horizon scale (see ``horizon_shrink``).
@@ -103,8 +103,10 @@ class HybridConfig(_Settings):
         0.25-0.7. Rejections by this rule are counted (metric ``cost_rejections``).
       monitor_every: during Predict, a forward pass every this many predicted steps
         for the monitor (0: never).
-      horizon_shrink: factor of the horizon scale at each monitor caution and each
-        rollback, in (0, 1]; the scale doubles back (up to 1) at each accepted phase.
+      horizon_shrink: factor of the horizon scale at each monitor caution, in (0, 1].
+        The scale starts at its floor (``min_horizon / max_horizon``: a first phase is a
+        probe of ``min_horizon`` steps), falls back to it at each rollback and doubles
+        (up to 1) at each accepted phase (``hybrid_jax._stages.PROBE_AFTER_ROLLBACK``).
       correct_predictions: apply the residual corrector's affine correction.
       schedule_steps: what the wrapped optimizer's schedules count: ``"global"`` (every
         step, predicted ones included, so that a schedule over a run of N steps ends at

@@ -18,9 +18,12 @@ import hybrid_jax as hj
 def documented_schedule(cfg, n, may_predict=lambda step: True):
     """The schedule of ``HybridConfig``'s docstring, in plain Python.
 
-    ``may_predict(step)`` says whether a Predict phase may follow step ``step``.
+    ``may_predict(step)`` says whether a Predict phase may follow step ``step``. Every
+    phase is accepted here: the horizon scale starts at ``min_horizon / max_horizon``
+    (a probe) and doubles, up to 1, at each verification.
     """
     phases = []
+    scale = cfg.min_horizon / cfg.max_horizon
     if cfg.warmup_steps > 0:
         phase, budget = hj.WARMUP, cfg.warmup_steps
     else:
@@ -36,8 +39,10 @@ def documented_schedule(cfg, n, may_predict=lambda step: True):
             phase, budget = hj.FULL, cfg.full_steps
         elif phase == hj.PREDICT:
             phase, budget = hj.CORRECT, cfg.correct_steps
+            scale = min(2.0 * scale, 1.0)  # accepted at the Correct phase's first step
         elif may_predict(step) and consecutive < cfg.max_consecutive_predicts:
-            phase, budget, consecutive = hj.PREDICT, cfg.max_horizon, consecutive + 1
+            h = min(max(int(cfg.max_horizon * scale), cfg.min_horizon), cfg.max_horizon)
+            phase, budget, consecutive = hj.PREDICT, h, consecutive + 1
         else:
             phase, budget, consecutive = hj.FULL, cfg.full_steps, 0
     return phases

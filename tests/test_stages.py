@@ -6,10 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import SAFETY_OFF, fast_config, quadratic_batches, quadratic_loss, quadratic_params
+from conftest import (
+    SAFETY_OFF,
+    fast_config,
+    quadratic_batches,
+    quadratic_loss,
+    quadratic_params,
+    quadratic_run_until_predict,
+)
 
 import hybrid_jax as hj
-from hybrid_jax import _kinds, _phases, _predicted, _stages
+from hybrid_jax import _cost, _kinds, _phases, _predicted, _stages
 
 T, F = jnp.asarray(True), jnp.asarray(False)
 
@@ -158,20 +165,35 @@ def test_the_loss_level_is_an_ema_that_ignores_flagged_losses():
     assert float(_stages.level(setup, state, jnp.float32(jnp.nan), calm).level) == 2.0
 
 
-def test_plan_shrinks_the_horizon_at_a_rollback_and_grows_it_back_when_accepted():
+def test_plan_falls_back_to_a_probe_at_a_rollback_and_grows_when_accepted():
     setup, state, _ = _setup(horizon_shrink=0.5, min_horizon=1, max_horizon=8)
+    assert float(state.horizon_scale) == 0.125  # the first phase is a probe: min / max
     ln = _stages.unobserved(setup, state)
     calm = hj._monitor.calm()
-    c = _stages.Check(F, F, T, T, calm, state.monitor, F)
+    c = _stages.Check(
+        skip=F,
+        accepted=F,
+        rollback=T,
+        reuse=F,
+        drop=T,
+        verdict=calm,
+        monitor=state.monitor,
+        short=F,
+    )
     acc, trend = state.stats.accuracy, state.stats.log_loss_trend
+    state = state._replace(horizon_scale=jnp.float32(1.0))
     back = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
-    assert float(back.scale) == 0.5 and int(back.horizon) == 4
-    state = state._replace(horizon_scale=jnp.float32(0.125))
-    floor = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
-    assert float(floor.scale) == 0.125 and int(floor.horizon) == 1  # min_horizon / max_horizon
+    assert float(back.scale) == 0.125 and int(back.horizon) == 1  # min_horizon / max_horizon
+    state = state._replace(horizon_scale=back.scale)
     ok = c._replace(accepted=T, rollback=F, drop=F)
-    up = _stages.plan(setup, state, ln, ok, acc, trend, state.bandit, observe=False)
-    assert float(up.scale) == 0.25
+    for want in (2, 4, 8, 8):  # doubles with each accepted phase, up to max_horizon
+        up = _stages.plan(setup, state, ln, ok, acc, trend, state.bandit, observe=False)
+        assert int(up.horizon) == want
+        state = state._replace(horizon_scale=up.scale)
+    # a monitor caution still shrinks by horizon_shrink
+    caution = ok._replace(accepted=F, verdict=calm._replace(shrink_horizon=T))
+    shrunk = _stages.plan(setup, state, ln, caution, acc, trend, state.bandit, observe=False)
+    assert float(shrunk.scale) == 0.5
 
 
 def test_guard_keeps_non_finite_values_out_and_an_idle_step_applies_nothing():
@@ -249,10 +271,10 @@ def _after_phase(state, trend, horizon):
 
 
 def test_expected_decrease_is_what_h_real_steps_at_the_trend_make():
-    got = _stages.expected_decrease(jnp.float32(2.0), jnp.float32(-0.01), jnp.int32(4))
+    got = _cost.expected_decrease(jnp.float32(2.0), jnp.float32(-0.01), jnp.int32(4))
     assert np.isclose(float(got), 2.0 * (1.0 - np.exp(-0.04)), rtol=1e-6)
     # a rising or flat loss level expects nothing
-    assert float(_stages.expected_decrease(jnp.float32(2.0), jnp.float32(0.3), 4)) == 0.0
+    assert float(_cost.expected_decrease(jnp.float32(2.0), jnp.float32(0.3), 4)) == 0.0
 
 
 def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced():
@@ -263,12 +285,15 @@ def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced(
     c = _check(setup, state, snap - required * 1.001, snap, True)
     assert bool(c.accepted) and not bool(c.rollback) and not bool(c.short)
     c = _check(setup, state, snap - required * 0.999, snap, True)  # just short: rejected
-    assert not bool(c.accepted) and bool(c.rollback) and bool(c.drop) and bool(c.short)
+    assert not bool(c.accepted) and bool(c.rollback) and bool(c.short)
+    # rejected by the cost rule alone: the verifying step's update is kept (reused)
+    assert bool(c.reuse) and not bool(c.drop)
     # within the tolerance, but no progress: rejected by the cost rule
     assert bool(_check(setup, state, snap * 1.01, snap, True).short)
     # beyond the tolerance: rejected by the guard (not counted as a cost rejection)
     c = _check(setup, state, snap * 1.03, snap, True)
     assert bool(c.rollback) and not bool(c.short)
+    assert not bool(c.reuse) and bool(c.drop)  # a point that may be far off: nothing applied
     # a longer phase must buy more
     longer = _after_phase(state, trend, 3 * h)
     assert bool(_check(setup, longer, snap - required * 1.001, snap, True).rollback)
@@ -292,3 +317,82 @@ def test_a_cost_ratio_of_zero_leaves_only_the_guard():
     c = _check(setup, falling, 1.01, 1.0, True)
     assert bool(c.accepted) and not bool(c.short)
     assert bool(_check(setup, falling, 1.03, 1.0, True).rollback)
+
+
+# -- a rollback that keeps its verifying step ----------------------------------------------
+
+
+def _at_verification(cfg, lr=0.1):
+    """A quadratic run with ``optax.sgd(lr)`` stopped at the step that verifies its first
+    Predict phase, with a falling loss level (so that the cost rule expects progress)."""
+    tx = hj.predictive(optax.sgd(lr), cfg)
+    step, params, state, batches = quadratic_run_until_predict(tx, 40)
+    while int(tx.kind(state)) != _kinds.VERIFY:
+        params, state, _ = step(params, state, next(batches))
+    state = state._replace(stats=state.stats._replace(log_loss_trend=jnp.float32(-0.05)))
+    return tx, step, params, state, next(batches)
+
+
+def _expected_from_snapshot(state, params, batch, lr=0.1):
+    """The snapshot plus the SGD update of the gradient taken at ``params``."""
+    grads = jax.grad(quadratic_loss)(params, batch)
+    return jax.tree.map(lambda s, g: s - lr * g, state.snapshot, grads)
+
+
+# the guard always passes; the cost rule asks a phase for far more than it can do
+_COST_REJECTS = dict(verify_tolerance=1e9, predict_cost_ratio=1e6, monitor=None)
+
+
+def test_a_phase_rejected_by_the_cost_rule_keeps_its_verifying_steps_update():
+    """The parameters go back to the snapshot, then the optimizer's update of the
+    verifying step's gradient (taken at the predicted parameters) is applied there."""
+    _, step, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
+    want = _expected_from_snapshot(state, params, batch)
+    snapshot = jax.device_get(state.snapshot)
+    new_params, new_state, m = step(params, state, batch)
+    assert bool(m["verified"]) and bool(m["rolled_back"])
+    assert int(new_state.counters.cost_rejections) == 1
+    for got, w, s in zip(
+        jax.tree.leaves(new_params), jax.tree.leaves(want), jax.tree.leaves(snapshot), strict=True
+    ):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(got, s)  # not the snapshot alone
+
+
+def test_the_optax_path_returns_the_same_kept_update_after_a_rollback():
+    tx, _, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
+    want = _expected_from_snapshot(state, params, batch)
+    loss, grads = jax.value_and_grad(quadratic_loss)(params, batch)
+    snap = tx.snapshot_loss(quadratic_loss, state, batch)
+    updates, new = tx.update(grads, state, params, value=loss, snapshot_value=snap)
+    assert bool(new.last.rolled_back)
+    got = optax.apply_updates(params, updates)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_phase_rejected_by_the_guard_returns_exactly_to_the_snapshot():
+    cfg = fast_config(verify_tolerance=0.0, predict_cost_ratio=0.0, monitor=None)
+    _, step, params, state, batch = _at_verification(cfg)
+    # the predicted point is made worse than the snapshot on every batch
+    params = jax.tree.map(lambda p: p + 10.0, params)
+    snapshot = jax.device_get(state.snapshot)
+    new_params, new_state, m = step(params, state, batch)
+    assert bool(m["rolled_back"]) and int(new_state.counters.cost_rejections) == 0
+    for got, s in zip(jax.tree.leaves(new_params), jax.tree.leaves(snapshot), strict=True):
+        np.testing.assert_array_equal(got, s)
+    jax.tree.map(np.testing.assert_array_equal, new_state.inner, state.inner)
+
+
+def test_an_accepted_phase_takes_one_rejection_off_the_back_off():
+    accept = fast_config(verify_tolerance=1e9, predict_cost_ratio=0.0, monitor=None)
+    _, step, params, state, batch = _at_verification(accept)
+    state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
+    _, new, m = step(params, state, batch)
+    assert bool(m["verified"]) and not bool(m["rolled_back"])
+    assert int(new.phase.rejected) == 3 - _phases.ACCEPT_FORGIVES == 2
+    # a rollback adds one
+    _, step, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
+    state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
+    _, new, m = step(params, state, batch)
+    assert bool(m["rolled_back"]) and int(new.phase.rejected) == 4
