@@ -7,7 +7,6 @@ import math
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -109,18 +108,57 @@ def test_summary_picks_the_tuned_arm_and_measures_speedup_against_it():
     assert "| fast |" in e2e.markdown(e2e.summarize(recs), {})
 
 
+def test_the_rate_is_chosen_on_the_validation_split_and_the_edge_is_flagged():
+    recs = [dict(_rec("adamw@0.1", s, 1.2), val_loss=0.5) for s in range(3)]
+    recs += [dict(_rec("adamw@0.3", s, 1.0), val_loss=0.6) for s in range(3)]
+    recs += [dict(_rec("adamw@1", s, 1.1), val_loss=0.7) for s in range(3)]
+    s = e2e.summarize(recs)["w"]
+    assert s["tuned"] == "adamw@0.1" and s["tuned_by"] == "val_loss"  # not the held-out best
+    assert not s["bracketed"]
+    assert "at the edge of the sweep" in e2e.markdown({"w": s}, {})
+    sweep = {0.1: recs[:3], 0.3: recs[3:6], 1.0: recs[6:]}
+    assert e2e.tuned_rate(sweep) == 0.1
+
+
+def test_paired_ratios_are_per_seed():
+    recs = [_rec("adamw@0.1", s, 1.0 + s, wall=2.0) for s in range(3)]
+    recs += [_rec("h", s, 1.1 * (1.0 + s), wall=2.2) for s in range(3)]
+    r = e2e.paired(recs, "h", "adamw@0.1")
+    assert r["loss_ratio"]["median"] == pytest.approx(1.1)
+    assert r["loss_ratio"]["hi"] - r["loss_ratio"]["lo"] == pytest.approx(0.0, abs=1e-12)
+    assert r["wall_ratio"]["median"] == pytest.approx(1.1)
+
+
+def test_unstack_splits_arrays_and_tuples():
+    xs, ys = np.arange(6).reshape(3, 2), np.arange(3)
+    parts = e2e.unstack((xs, ys))
+    assert len(parts) == 3 and parts[1][0].tolist() == [2, 3] and int(parts[2][1]) == 2
+    assert [p.tolist() for p in e2e.unstack(xs)] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_halves_split_validation_from_held_out():
+    val, test = e2e.halves(np.arange(7))
+    assert val.tolist() == [0, 1, 2] and test.tolist() == [3, 4, 5, 6]
+
+
 @pytest.mark.slow
-def test_run_arm_trains_and_counts(tmp_path):
-    wl = e2e.digits_workload(steps=20, eval_every=10, lrs=(1e-3,))
+@pytest.mark.parametrize("stepping", ["fused", "python"])
+def test_run_arm_trains_and_counts(stepping):
+    wl = e2e.digits_workload("mlp", steps=20, eval_every=10, lrs=(1e-3,))
     cfg = hj.HybridConfig(
-        warmup_steps=2, full_steps=2, correct_steps=1, max_horizon=2, confidence_threshold=0.0
+        warmup_steps=2,
+        full_steps=2,
+        correct_steps=1,
+        max_horizon=2,
+        confidence_threshold=0.0,
+        predict_cost_ratio=0.0,
     )
     arm = e2e.Arm("hybrid:last_update", "hybrid", hj.predictive(e2e.adamw(), cfg), 1e-2, 20, 10)
-    held = jax.device_put(wl.eval_batches)
-    evaluate = lambda p: float(jnp.mean(jax.vmap(wl.loss_fn, (None, 0))(p, held)))
+    evaluate = e2e.make_evaluate(wl)
     cache: dict = {}
-    rec, *_ = e2e.run_arm(wl, arm, 0, evaluate, lambda m: None, cache)
-    rec2, *_ = e2e.run_arm(wl, arm, 0, evaluate, lambda m: None, cache)
+    rec, *_ = e2e.run_arm(wl, arm, 0, evaluate, lambda m: None, cache, stepping)
+    rec2, *_ = e2e.run_arm(wl, arm, 0, evaluate, lambda m: None, cache, stepping)
+    assert math.isfinite(rec["val_loss"]) and rec["val_loss"] != rec["final_loss"]  # two splits
     last = rec["curve"][-1]
     assert [p["step"] for p in rec["curve"]] == [0, 10, 20]
     assert last["backward"] + last["predicted"] + last["idle"] == 20 and last["predicted"] > 0
