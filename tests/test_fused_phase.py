@@ -58,9 +58,7 @@ def test_fused_phases_take_the_same_steps_and_reach_the_same_parameters(changes)
     # compare where the fused run's state is not ahead of its calls
     end = max(i for i, a in enumerate(ahead) if a == 0)
     assert end >= 140 and max(ahead) >= 1
-    (pb, sb), rb, _ = _run(
-        hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True), tx, batches, end
-    )
+    (pb, sb), rb, _ = _run(fused, tx, batches, end)  # again, from a fresh state
     (pa, sa), ra, _ = _run(hj.make_dispatched_step(tasks.mlp_loss, tx), tx, batches, end)
     for key in ("step", "phase", "used_gradient", "verified", "rolled_back", "predicted_steps"):
         assert [int(r[key]) for r in ra] == [int(r[key]) for r in rb], key

@@ -123,11 +123,16 @@ def test_snoo_jumps_by_a_snoo_outer_step():
     state = tx.init(params)
     rng = np.random.default_rng(0)
     positions = [np.asarray(params["x"])]
-    for _ in range(k * STRIDE):
-        batch = jnp.asarray(rng.uniform(0.5, 2.0, size=4), jnp.float32)
+
+    @jax.jit
+    def real_step(params, state, batch):
         loss, grads = jax.value_and_grad(quadratic)(params, batch)
         updates, state = tx.update(grads, state, params, value=loss)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(k * STRIDE):
+        batch = jnp.asarray(rng.uniform(0.5, 2.0, size=4), jnp.float32)
+        params, state = real_step(params, state, batch)
         positions.append(np.asarray(params["x"]))
     disp = [positions[(i + 1) * STRIDE] - positions[i * STRIDE] for i in range(k)][::-1]
     m = sum(mu**j * d for j, d in enumerate(disp))
