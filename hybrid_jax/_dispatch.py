@@ -136,7 +136,8 @@ class DispatchedStep:
         self._look = (
             (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s))
         )
-        self._read = jax.jit(lambda s: (kind_of(cfg, s), self._look(s)))
+        self._read_jit = jax.jit(lambda s: (kind_of(cfg, s), self._look(s)))
+        self._read = self._read_jit
 
     @property
     def compiled_kinds(self) -> list[str]:
@@ -179,7 +180,7 @@ class DispatchedStep:
             self._compiled[kind] = program.lower(params, state, batch, *extra).compile()
         if self._fuse:
             self._phase_program(params, state, batch).compile(params, state)
-        self._read = self._read.lower(state).compile()
+        self._read = self._read_jit.lower(state).compile()  # again: a second compile works
         return time.perf_counter() - t0
 
     def __call__(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):

@@ -265,3 +265,17 @@ def test_same_steps_with_unobserved_real_steps(digits_batches):
     assert step.kind_counts[_dispatch.PLAIN] > 20
     assert 0 < int(state.counters.observed_steps) < int(state.counters.real_steps)
     assert int(state.counters.predicted_steps) > 20
+
+
+def test_compile_twice_then_step():
+    """``compile`` may be called again (it compiled its state reader the first time)."""
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig())
+    step = hj.make_dispatched_step(tasks.mlp_loss, tx)
+    params = tasks.mlp_init(jax.random.key(0))
+    state = tx.init(params)
+    split = tasks.digits(0)
+    batch = next(tasks.batches(split.x_train, split.y_train, 64, seed=0))
+    assert step.compile(params, state, batch) >= 0.0
+    assert step.compile(params, state, batch) >= 0.0
+    params, state, _ = step(params, state, batch)
+    assert int(state.step) == 1
