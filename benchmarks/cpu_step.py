@@ -7,7 +7,8 @@ Every arm is ``hj.train`` on the same data (digits, batch 64), compilation exclu
 no Predict phase (``confidence_threshold=1.0`` and a predictor that is never confident,
 so every step is a real step) stepped by ``make_dispatched_step`` (the default:
 ``observe_every=8``; and with every real step observed) and by ``make_hybrid_step``
-(``stepping="cond"``). The figure is seconds per
+(``stepping="cond"``); and the default without packing the state's small leaves
+(``hybrid_jax._packing``; ``hj.train`` packs them). The figure is seconds per
 step over the run after the first step, the median over repeats (arms alternating),
 and its ratio to plain AdamW.
 
@@ -53,7 +54,8 @@ def never_confident() -> hj.Predictor:
     return hj.Predictor("never_confident", init, observe, predict)
 
 
-def seconds_per_step(loss_fn, init_fn, tx, data, steps, stepping) -> float:
+def seconds_per_step(loss_fn, init_fn, tx, data, steps, stepping, pack=True) -> float:
+    hj._train.PACK_STATE = pack
     res = hj.train(
         loss_fn, tx, init_fn(jax.random.key(0)), data, steps=steps, sync_every=steps,
         progress=False, stepping=stepping,
@@ -92,6 +94,11 @@ def main() -> None:
             ),
             "dispatched",
         ),
+        "hybrid, dispatched, default, state not packed": (
+            hj.predictive(optax.adamw(1e-3), cfg, predictor=never_confident()),
+            "dispatched",
+            False,
+        ),
         "hybrid, cond": (
             hj.predictive(optax.adamw(1e-3), cfg, predictor=never_confident()),
             "cond",
@@ -101,8 +108,9 @@ def main() -> None:
         del arms["hybrid, cond"]
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.repeats):
-        for name, (tx, stepping) in arms.items():
-            times[name].append(seconds_per_step(loss_fn, init_fn, tx, data, args.steps, stepping))
+        for name, (tx, stepping, *pack) in arms.items():
+            t = seconds_per_step(loss_fn, init_fn, tx, data, args.steps, stepping, *pack)
+            times[name].append(t)
     base = statistics.median(times["adamw"])
     env, rows = environment(), []
     for name, ts in times.items():
@@ -111,7 +119,7 @@ def main() -> None:
         row = dict(model=args.model, arm=name, steps=args.steps, ms_per_step=med * 1e3)
         row.update(spread_ms=spread, ratio_to_adamw=med / base, **env)
         rows.append(row)
-        print(f"{name:30s} {med * 1e3:8.3f} ms/step  x{med / base:.2f}")
+        print(f"{name:46s} {med * 1e3:8.3f} ms/step  x{med / base:.2f}")
     if args.out:
         write_jsonl(args.out, rows)
 

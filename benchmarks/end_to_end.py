@@ -274,13 +274,17 @@ def make_chunk(arm: Arm, loss_fn):
 def make_stepper(arm: Arm, loss_fn):
     """``step(params, state, batch, t, hyper) -> (params, state)``, one step per call
     (``--stepping python``): a jitted step for AdamW and Lookahead, and for a hybrid
-    ``hj.make_dispatched_step`` with the learning rate set from the global step."""
+    ``hj.make_dispatched_step`` with the learning rate set from the global step, its state
+    packed and its metrics one scalar (the loop reads none), as AdamW's step returns
+    none."""
     if arm.kind == "hybrid":
 
         def prepare(state, t, hyper):
             return state._replace(inner=with_lr(state.inner, lr_at(t, hyper)))
 
-        dispatched = hj.make_dispatched_step(loss_fn, arm.tx, prepare=prepare)
+        dispatched = hj.make_dispatched_step(
+            loss_fn, arm.tx, prepare=prepare, pack_state=True, metrics_fn=lambda s: s.step
+        )
 
         def step(params, state, batch, t, hyper):
             return dispatched(params, state, batch, t, hyper)[:2]

@@ -13,7 +13,9 @@ is timed in each branch (``--variants dispatched``: each of the programs of
 ``hj.make_dispatched_step``, chosen on the host; ``--sketch-strides 1,16`` times each
 variant with each ``HybridConfig.sketch_stride``; ``--observe-every 1,4`` with each
 ``HybridConfig.observe_every``, where a loop of real steps is then the mix of observed
-and unobserved real steps that the setting gives). ``--fused`` also times ``lax.scan``
+and unobserved real steps that the setting gives; ``dispatched_packed`` and
+``fused_packed`` are ``dispatched`` and ``fused`` with ``pack_state=True``, the state's
+small leaves packed into one buffer per dtype). ``--fused`` also times ``lax.scan``
 loops of steps, which take Python dispatch out of the figures for small models.
 """
 
@@ -151,14 +153,18 @@ def pinned_phase(state: hj.HybridState) -> hj.HybridState:
     return state._replace(phase=phase, pending=pending, snapshot_valid=no)
 
 
-def time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, repeats: int) -> None:
+def time_fused_phases(
+    inner, cfg, loss_fn, batch, fresh, record, repeats: int, pack: bool = False
+) -> None:
     """Predict phases of ``PHASE_STEPS`` steps, each run as one program and stepped from
     Python (``fuse_predict=True``: one call per step, the first runs the phase and reads
     its rows). Each phase starts from the same small pinned arrays (the program neither
     donates nor changes them), handed to the step as its own state, so that no call
-    but the step's own runs. Also the device's busy time per phase (a profile)."""
+    but the step's own runs. With ``pack``, the state is packed and donated whole, so
+    each phase is pinned by one more (small) program, timed apart as "re-pin alone".
+    Also the device's busy time per phase (a profile)."""
     tx = hj.predictive(inner, cfg.replace(max_horizon=PHASE_STEPS, min_horizon=PHASE_STEPS))
-    step = hj.make_dispatched_step(loss_fn, tx, fuse_predict=True)
+    step = hj.make_dispatched_step(loss_fn, tx, fuse_predict=True, pack_state=pack)
     p = fresh()
     state = tx.init(p)
     for _ in range(3):  # fill the basis with real updates
@@ -166,7 +172,7 @@ def time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, repeats: int) -
     t0 = time.perf_counter()
     step.compile(p, state, batch)
     cs = time.perf_counter() - t0
-    pinned = pinned_phase(state)
+    pinned = pinned_phase(hj._packing.unpack_state(state))
     small = dict(phase=pinned.phase, pending=pinned.pending, snapshot_valid=pinned.snapshot_valid)
     phases, box = 10, [(p, state)]
     d = hj._dispatch
@@ -175,10 +181,16 @@ def time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, repeats: int) -
         for k in ([d.PREDICT_FIRST, 0, -1], [d.PREDICT, PHASE_STEPS, d.VERIFY])
     ]
 
+    repin = lambda s: s._replace(**small)
+    if pack:
+        layout = step._layout
+        repin = jax.jit(lambda s: layout.pack(layout.unpack(s)._replace(**small)), donate_argnums=0)
+        box[0] = (p, repin(state))
+
     def python_loop():
         p, state = box[0]
         for _ in range(phases):
-            state = state._replace(**small)
+            state = repin(state)
             # as the step before a phase would leave it: this kind, then the phase's outlook
             step._last_state, step._pending = state, collections.deque(told)
             step._check = step._phase = None
@@ -187,12 +199,24 @@ def time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, repeats: int) -
         box[0] = (p, state)
         return p
 
+    label = f"predict phase of {PHASE_STEPS}" + (" (packed)" if pack else "")
     t, s = median_time(python_loop, repeats)
-    record(f"predict phase of {PHASE_STEPS}, stepped", t / phases, s / phases, cs)
+    record(f"{label}, stepped", t / phases, s / phases, cs)
+    if pack:
+
+        def repin_loop():
+            p, state = box[0]
+            for _ in range(phases):
+                state = repin(state)
+            box[0] = (p, state)
+            return state
+
+        t, s = median_time(repin_loop, repeats)
+        record(f"{label}, re-pin alone", t / phases, s / phases, 0.0)
     timeline = device_timeline(python_loop, "/tmp/fused_phase_profile")
     if timeline is not None:
         busy = timeline["busy_ms"] / phases / 1e3
-        record(f"predict phase of {PHASE_STEPS}, device busy", busy, 0.0, cs)
+        record(f"{label}, device busy", busy, 0.0, cs)
     assert step.phases_fused >= phases * repeats, step.phases_fused
 
 
@@ -215,8 +239,9 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="cond",
-        help="comma list: cond,delta_cond,while,dispatched,fused (Predict phases of 6 steps "
-        "run as one program each)",
+        help="comma list: cond,delta_cond,while,dispatched,dispatched_packed,fused,"
+        "fused_packed (fused: Predict phases of 6 steps run as one program each; packed: "
+        "pack_state=True)",
     )
     ap.add_argument("--skip-baselines", action="store_true", help="only the hybrid variants")
     ap.add_argument("--fused", action="store_true", help="also time lax.scan loops")
@@ -328,10 +353,11 @@ def main() -> None:
         "delta_cond": lambda tx: delta_cond_step(loss_fn, tx),
         "while": lambda tx: while_step(loss_fn, tx),
         "dispatched": lambda tx: hj.make_dispatched_step(loss_fn, tx),
+        "dispatched_packed": lambda tx: hj.make_dispatched_step(loss_fn, tx, pack_state=True),
     }
     observe = [int(x) for x in args.observe_every.split(",")]
     hybrid_runs = [(v, k, o) for o in observe for k in strides for v in args.variants.split(",")]
-    for variant, stride, every in [r for r in hybrid_runs if r[0] != "fused"]:
+    for variant, stride, every in [r for r in hybrid_runs if not r[0].startswith("fused")]:
         tx = hj.predictive(
             inner, cfg.replace(basis=cfg.basis.replace(sketch_stride=stride), observe_every=every)
         )
@@ -342,7 +368,7 @@ def main() -> None:
         p = fresh()
         state = tx.init(p)
         if variant.startswith("dispatched"):  # four programs, compiled on first use of each
-            compiled, copies = makers["dispatched"](tx), None
+            compiled, copies = makers[variant.split("/")[0]](tx), None
             t0 = time.perf_counter()
             p, state, _ = compiled(p, state, batch)
             cs = time.perf_counter() - t0
@@ -360,7 +386,8 @@ def main() -> None:
             p, state, _ = compiled(p, state, batch)
         for phase, label in [(hj.FULL, "real"), (hj.PREDICT, "predicted")]:
             mode = f"hybrid[{variant}] {label}"
-            t, s, (p, state) = time_loop(compiled, (p, forced(state, phase)), batches, mode)
+            pinned = forced(hj._packing.unpack_state(state), phase)
+            t, s, (p, state) = time_loop(compiled, (p, pinned), batches, mode)
             record(mode, t, s, cs, copies, stride, every)
         if copies is None:  # the dispatched step: how often each program ran
             counts = dict(zip(hj._dispatch.KIND_NAMES, compiled.kind_counts, strict=True))
@@ -371,8 +398,9 @@ def main() -> None:
             for k, v in timeline_diff(timelines["adamw"], timelines[f"hybrid[{variant}] real"], 25):
                 print(f"  {v:+9.3f}  {k}")
 
-    if "fused" in args.variants.split(","):
-        time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, args.repeats)
+    for variant in set(args.variants.split(",")) & {"fused", "fused_packed"}:
+        pack = variant == "fused_packed"
+        time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, args.repeats, pack)
 
     if args.fused:
         stacked = jax.tree.map(lambda x: jnp.stack([x] * n), batch)

@@ -50,6 +50,7 @@ from ._kinds import (
     step_kinds,
 )
 from ._metrics import metrics
+from ._packing import PackedState, StateLayout, packed, unpack_state
 from ._state import HybridState
 from ._transform import PredictiveTransformation
 
@@ -103,6 +104,11 @@ class DispatchedStep:
     ``steps_ahead == 0``. It needs ``config.monitor_every == 0`` (the monitor's forward
     passes need each step's batch), and it does not run ``prepare`` (a Predict phase
     reads no step arguments).
+
+    ``pack_state=True`` returns the state as a ``PackedState`` (``hybrid_jax._packing``):
+    its small leaves packed into one buffer per dtype, so that a call moves a few arrays
+    instead of a hundred or more. Pass it back as the state; its attributes read through
+    to the ``HybridState`` (``state.counters``), and ``state.unpacked()`` is that state.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class DispatchedStep:
         prepare: Callable[..., HybridState] | None = None,
         metrics_fn: Callable[[HybridState], Any] = metrics,
         fuse_predict: bool = False,
+        pack_state: bool = False,
     ):
         _check_args(tx, prepare, metrics_fn, fuse_predict)
         self.tx = tx
@@ -132,11 +139,13 @@ class DispatchedStep:
         self._phase: _Phase | None = None
         self._check: tuple[PhaseResult, int, int] | None = None
         self.phases_fused = 0
+        self._pack = bool(pack_state)
+        self._layout: StateLayout | None = None
         cfg = tx.config
         self._look = (
             (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s))
         )
-        self._read_jit = jax.jit(lambda s: (kind_of(cfg, s), self._look(s)))
+        self._read_jit = jax.jit(lambda s: (kind_of(cfg, _tree(s)), self._look(_tree(s))))
         self._read = self._read_jit
 
     @property
@@ -160,10 +169,13 @@ class DispatchedStep:
             prepare, metrics_fn, look = self._prepare, self._metrics_fn, self._look
 
             def program(params, state, batch, *extra):
+                layout = state.layout if isinstance(state, PackedState) else None
+                state = _tree(state)
                 if prepare is not None:
                     state = prepare(state, *extra)
                 params, state, aux = body(params, state, batch)
-                return params, state, metrics_fn(state), aux, look(state)
+                out = state if layout is None else layout.pack(state)
+                return params, out, metrics_fn(state), aux, look(state)
 
             self._programs[kind] = jax.jit(program, donate_argnums=self._donate)
         return self._programs[kind]
@@ -173,6 +185,7 @@ class DispatchedStep:
         these shapes (nothing runs, nothing is donated), so that no compilation happens
         mid-run; returns the seconds taken."""
         t0 = time.perf_counter()
+        state = self._state_in(state)
         for kind in kinds_used(self.tx.config):
             if self._fuse and kind in (PREDICT_FIRST, PREDICT):
                 continue
@@ -194,6 +207,7 @@ class DispatchedStep:
 
     def _step(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
         if state is not self._last_state or not self._pending:
+            state = self._state_in(state)
             kind = self._restart(state)
         elif self._phase is not None:
             ph = self._phase_read()
@@ -211,6 +225,15 @@ class DispatchedStep:
         params, state, m, aux, ahead = program(params, state, batch, *extra)
         self._pending.append(ahead)
         return self._out(params, state, m, aux)
+
+    def _state_in(self, state: Any) -> Any:
+        """``state`` as this step's programs take it: packed with ``pack_state``, else as
+        a ``HybridState``."""
+        if not self._pack:
+            return unpack_state(state)
+        if self._layout is None:
+            self._layout = StateLayout(unpack_state(state))
+        return packed(state, self._layout)
 
     def _restart(self, state: HybridState) -> int:
         """The kind ``state`` wants, read now, and the entry for the call after it."""
@@ -270,6 +293,11 @@ class DispatchedStep:
         return self._out(params, state, first, self._missing_aux)
 
 
+def _tree(state: Any) -> HybridState:
+    """Inside a program: the ``HybridState`` a (possibly packed) state argument holds."""
+    return state.layout.unpack(state) if isinstance(state, PackedState) else state
+
+
 def _check_args(tx: Any, prepare: Any, metrics_fn: Any, fuse_predict: bool) -> None:
     if not isinstance(tx, PredictiveTransformation):
         raise TypeError(f"tx must come from hj.predictive; got {type(tx).__name__}")
@@ -292,6 +320,8 @@ def make_dispatched_step(
     donate: bool = True,
     prepare: Callable[..., HybridState] | None = None,
     fuse_predict: bool = False,
+    pack_state: bool = False,
+    metrics_fn: Callable[[HybridState], Any] = metrics,
 ) -> DispatchedStep:
     """Like ``make_hybrid_step``, without a ``lax.switch`` around the step: the host picks
     one of four compiled programs (five with ``observe_every > 2``), one per kind of
@@ -306,10 +336,25 @@ def make_dispatched_step(
         extra arguments of each call (see ``DispatchedStep``).
       fuse_predict: run each Predict phase as one program, applied on its first call
         (see ``DispatchedStep``; needs ``monitor_every == 0``).
+      pack_state: return the state as a ``PackedState``, its small leaves packed into
+        one buffer per dtype, so that each call moves a few arrays instead of a hundred
+        or more (``hybrid_jax._packing``): much less host time per step on a small
+        model. Pass it back as the state; its attributes read through
+        (``state.counters``), and ``state.unpacked()`` is the ``HybridState``.
+      metrics_fn: ``metrics_fn(state)`` is what each call returns as its metrics
+        (default ``hj.metrics``, a dict of device scalars: one array each per call; a
+        loop that reads none of them can return less, e.g. ``lambda s: s.step``).
 
     Returns:
       A ``DispatchedStep``: ``step(params, state, batch) -> (params, state, metrics[, aux])``.
     """
     return DispatchedStep(
-        loss_fn, tx, has_aux=has_aux, donate=donate, prepare=prepare, fuse_predict=fuse_predict
+        loss_fn,
+        tx,
+        has_aux=has_aux,
+        donate=donate,
+        prepare=prepare,
+        fuse_predict=fuse_predict,
+        pack_state=pack_state,
+        metrics_fn=metrics_fn,
     )

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._carry import unchanged_leaves
 from ._kinds import PREDICT, PREDICT_FIRST, kind_after_next, kind_of
+from ._packing import PackedState
 from ._predicted import phase_steps
 from ._state import HybridState
 
@@ -125,39 +126,41 @@ def outlook(tx: Any, state: HybridState) -> jax.Array:
 
 class FusedPhase:
     """The program of a fused Predict phase for ``tx`` (see the module), built for the
-    shapes of ``params`` and ``state``. ``phase(params, state) -> (params, state, first,
-    result)``: the params and state after the whole phase, its first step's metrics
-    (device scalars) and a ``PhaseResult``."""
+    shapes of ``params`` and ``state`` (a ``HybridState`` or a ``PackedState``, which it
+    then takes and returns). ``phase(params, state) -> (params, state, first, result)``:
+    the params and state after the whole phase, its first step's metrics (device
+    scalars) and a ``PhaseResult``."""
 
-    def __init__(
-        self, tx: Any, metrics_fn: Callable, params: PyTree, state: HybridState, *, donate: bool
-    ):
+    def __init__(self, tx: Any, metrics_fn: Callable, params: PyTree, state: Any, *, donate: bool):
         length = self.length = tx.config.max_horizon
         run = functools.partial(_run, tx, metrics_fn, length)
-        rest = state._replace(snapshot=None)
-        same = unchanged_leaves(lambda r: run(params, state.snapshot, r)[1], rest)
-        changed = self.changed = tuple(i for i, s in enumerate(same) if not s)
-        self.layout = RowLayout(jax.eval_shape(metrics_fn, state))
-
-        def program(params, snapshot, rest):
-            params, new, rows, taken, snapshot = run(params, snapshot, rest)
-            whole = new._replace(snapshot=snapshot)
-            found = jnp.stack([taken, kind_of(tx.config, whole)])
-            tail = jnp.concatenate([outlook(tx, whole), found])
-            packed = jnp.concatenate([pack_rows(rows).reshape(-1), tail.astype(jnp.int32)])
-            first = jax.tree.map(lambda r: r[0], rows)
-            leaves = jax.tree.leaves(new)
-            return params, snapshot, tuple(leaves[i] for i in changed), first, packed
-
+        self.packed = isinstance(state, PackedState)
+        self.layout = RowLayout(jax.eval_shape(metrics_fn, _tree(state)))
+        if self.packed:
+            program = functools.partial(_packed_program, tx, run)
+        else:
+            rest = state._replace(snapshot=None)
+            same = unchanged_leaves(lambda r: run(params, state.snapshot, r)[1], rest)
+            self.changed = tuple(i for i, s in enumerate(same) if not s)
+            program = functools.partial(_program, tx, run, self.changed)
         self.jitted = jax.jit(program, donate_argnums=(0, 1) if donate else ())
         self._call = self.jitted
 
-    def compile(self, params: PyTree, state: HybridState) -> None:
-        """Compiles the program now (nothing runs, nothing is donated)."""
-        rest = state._replace(snapshot=None)
-        self._call = self.jitted.lower(params, state.snapshot, rest).compile()
+    def _args(self, params: PyTree, state: Any) -> tuple:
+        return (
+            (params, state)
+            if self.packed
+            else (params, state.snapshot, state._replace(snapshot=None))
+        )
 
-    def __call__(self, params: PyTree, state: HybridState):
+    def compile(self, params: PyTree, state: Any) -> None:
+        """Compiles the program now (nothing runs, nothing is donated)."""
+        self._call = self.jitted.lower(*self._args(params, state)).compile()
+
+    def __call__(self, params: PyTree, state: Any):
+        if self.packed:
+            params, state, first, packed = self._call(params, state)
+            return params, state, first, PhaseResult(packed, self.layout, self.length)
         rest = state._replace(snapshot=None)
         params, snapshot, changed, first, packed = self._call(params, state.snapshot, rest)
         leaves, treedef = jax.tree.flatten(rest)
@@ -165,6 +168,36 @@ class FusedPhase:
             leaves[i] = x
         state = jax.tree.unflatten(treedef, leaves)._replace(snapshot=snapshot)
         return params, state, first, PhaseResult(packed, self.layout, self.length)
+
+
+def _tree(state: Any) -> HybridState:
+    return state.layout.unpack(state) if isinstance(state, PackedState) else state
+
+
+def _for_host(tx: Any, rows: Any, taken: jax.Array, whole: HybridState) -> tuple[Any, jax.Array]:
+    """The first step's metrics, and the rows, outlook and findings packed for the host."""
+    found = jnp.stack([taken, kind_of(tx.config, whole)])
+    tail = jnp.concatenate([outlook(tx, whole), found])
+    packed = jnp.concatenate([pack_rows(rows).reshape(-1), tail.astype(jnp.int32)])
+    return jax.tree.map(lambda r: r[0], rows), packed
+
+
+def _program(tx: Any, run: Callable, changed: tuple[int, ...], params, snapshot, rest):
+    """The phase on a ``HybridState`` split as ``snapshot`` (donated) and ``rest``; returns
+    only the leaves of the state that change."""
+    params, new, rows, taken, snapshot = run(params, snapshot, rest)
+    first, packed = _for_host(tx, rows, taken, new._replace(snapshot=snapshot))
+    leaves = jax.tree.leaves(new)
+    return params, snapshot, tuple(leaves[i] for i in changed), first, packed
+
+
+def _packed_program(tx: Any, run: Callable, params, state: PackedState):
+    """The phase on a ``PackedState``: returns the whole (packed) state after it."""
+    whole = state.layout.unpack(state)
+    params, new, rows, taken, snapshot = run(params, whole.snapshot, whole._replace(snapshot=None))
+    whole = new._replace(snapshot=snapshot)
+    first, packed = _for_host(tx, rows, taken, whole)
+    return params, state.layout.pack(whole), first, packed
 
 
 def _run(tx: Any, metrics_fn: Callable, length: int, params, snapshot, rest):

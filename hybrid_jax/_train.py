@@ -29,6 +29,7 @@ from ._kinds import loss_with_aux
 from ._memory import MemoryMonitor
 from ._metrics import METRIC_NAMES, metrics
 from ._nonfinite import NonfiniteWatch, check_max_steps
+from ._packing import unpack_state
 from ._plain import plain_step
 from ._progress import progress_bar
 from ._step import hybrid_step
@@ -98,6 +99,10 @@ def _unpack(vec: np.ndarray) -> Row:
 
 STEPPINGS = ("dispatched", "cond")
 
+# The dispatched step packs the HybridState's small leaves (``hybrid_jax._packing``):
+# far fewer arrays per call. A module constant, for benchmarks to compare without.
+PACK_STATE = True
+
 
 def make_train_step(
     loss_fn: Callable[..., Any],
@@ -109,8 +114,9 @@ def make_train_step(
     """A jitted step ``(params, carry, batch) -> (params, carry, packed metrics)``.
 
     For an ``hj.predictive`` transformation it is ``make_dispatched_step``'s programs
-    (``stepping="dispatched"``) or ``hybrid_step`` (``"cond"``) and ``carry`` is the
-    ``HybridState``; for any other optax optimizer it is the plain optax step of
+    (``stepping="dispatched"``; ``carry`` is then the ``HybridState`` packed, see
+    ``hybrid_jax._packing``) or ``hybrid_step`` (``"cond"``; ``carry`` is the
+    ``HybridState``); for any other optax optimizer it is the plain optax step of
     ``hybrid_jax._plain`` (the baseline) and ``carry`` is ``(optax state, int32 step)``.
     Params and carry are donated. With ``has_aux``, ``loss_fn`` returns ``(loss, aux)``
     and ``aux`` is dropped.
@@ -121,7 +127,9 @@ def make_train_step(
         with_aux = loss_with_aux(loss_fn, True)
         loss_fn = lambda p, b: with_aux(p, b)[0]
     if isinstance(tx, PredictiveTransformation) and stepping == "dispatched":
-        chosen = DispatchedStep(loss_fn, tx, metrics_fn=lambda s: _pack(metrics(s)))
+        chosen = DispatchedStep(
+            loss_fn, tx, metrics_fn=lambda s: _pack(metrics(s)), pack_state=PACK_STATE
+        )
 
         def dispatched_step(params, state, batch):
             if not chosen.compiled_kinds:  # all of them now, inside the first (compile) step
@@ -340,7 +348,7 @@ def _step_loop(
         if stopping:
             result.stopped = True
             break
-    result.params, result.state = params, state
+    result.params, result.state = params, unpack_state(state)
 
 
 def _end_compile(vec: jax.Array, clock: TrainingClock) -> float:
@@ -417,4 +425,4 @@ def _save(
         return
     with clock.paused(wait_for=params):
         extra = {"reason": reason, "time": clock.now(), "compile_seconds": result.compile_seconds}
-        checkpointer.save(step + 1, params, state, extra=extra, force=True)
+        checkpointer.save(step + 1, params, unpack_state(state), extra=extra, force=True)

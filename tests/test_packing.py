@@ -1,0 +1,125 @@
+"""A state's small leaves packed by dtype (``hybrid_jax._packing``) and the steps that use it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hybrid_jax as hj
+from hybrid_jax import tasks
+from hybrid_jax._packing import PackedState, StateLayout, packed, unpack_state
+
+
+@pytest.fixture(scope="module")
+def digits_batches():
+    split = tasks.digits(0)
+    it = tasks.batches(split.x_train, split.y_train, 64, 0)
+    return [tuple(map(jnp.asarray, next(it))) for _ in range(160)]
+
+
+def _state(predictor="last_update"):
+    params = tasks.mlp_init(jax.random.PRNGKey(0))
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(predictor=predictor))
+    return tx.init(params)
+
+
+def _same(a, b, exact=True):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        if exact:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("predictor", ["last_update", "rssm"])
+def test_round_trip_keeps_every_leaf_and_leaves_few_arrays(predictor):
+    state = _state(predictor)
+    layout = StateLayout(state)
+    assert layout.arrays < len(jax.tree.leaves(state)) / 4
+    p = packed(state, layout)
+    assert len(jax.tree.leaves(p)) == layout.arrays
+    _same(state, p.unpacked())
+    _same(state, jax.jit(layout.unpack)(p))
+    _same(state, unpack_state(jax.jit(layout.pack)(state)))
+    big = [x for x in jax.tree.leaves(state) if x.size > 1 << 16]
+    assert all(any(k is x for k in p.kept) for x in big)  # kept leaves are not copied
+
+
+def test_layout_is_hashable_and_equal_for_equal_shapes():
+    a, b = StateLayout(_state()), StateLayout(_state())
+    assert a == b and hash(a) == hash(b)
+    assert StateLayout(_state("rssm")) != a
+    with pytest.raises(TypeError, match="PackedState of this layout"):
+        a.unpack(_state())
+
+
+def test_attributes_read_through():
+    state = _state()
+    p = packed(state)
+    assert isinstance(p.unpacked(), hj.HybridState)
+    assert int(p.counters.real_steps) == int(state.counters.real_steps)
+    assert int(p.step) == 0
+    with pytest.raises(AttributeError):
+        p._private
+    assert packed(p) is p and unpack_state(state) is state
+
+
+def _run(digits_batches, *, pack, fuse, cfg, steps):
+    params = tasks.mlp_init(jax.random.PRNGKey(0))
+    tx = hj.predictive(optax.adamw(1e-3), cfg)
+    state = tx.init(params)
+    step = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=pack, fuse_predict=fuse)
+    phases = []
+    for batch in digits_batches[:steps]:
+        params, state, m = step(params, state, batch)
+        phases.append(int(m["phase"]))
+    return params, state, phases, step
+
+
+@pytest.mark.parametrize("fuse", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_packed_steps_take_the_same_steps_and_reach_the_same_parameters(digits_batches, fuse):
+    cfg = hj.HybridConfig(monitor_every=0, confidence_threshold=0.0)
+    a = _run(digits_batches, pack=False, fuse=fuse, cfg=cfg, steps=150)
+    b = _run(digits_batches, pack=True, fuse=fuse, cfg=cfg, steps=150)
+    assert isinstance(b[1], PackedState)
+    assert int(a[1].counters.predicted_steps) > 0
+    assert b[3].phases_fused > 0 if fuse else b[3].phases_fused == 0
+    assert a[2] == b[2] and a[3].kind_counts == b[3].kind_counts
+    _same(a[0], b[0], exact=False)
+    _same(a[1], b[1].unpacked(), exact=False)
+
+
+@pytest.mark.slow
+def test_a_packed_step_takes_a_plain_state_and_a_plain_step_a_packed_one(digits_batches):
+    cfg = hj.HybridConfig(monitor_every=0, confidence_threshold=0.0)
+    params, state, _, _ = _run(digits_batches, pack=True, fuse=False, cfg=cfg, steps=20)
+    tx = hj.predictive(optax.adamw(1e-3), cfg)
+    plain = hj.make_dispatched_step(tasks.mlp_loss, tx)
+    _, out, _ = plain(params, state, digits_batches[20])
+    assert isinstance(out, hj.HybridState) and int(out.step) == 21
+
+
+def test_a_consumed_packed_state_names_donation(digits_batches):
+    params = tasks.mlp_init(jax.random.PRNGKey(0))
+    tx = hj.predictive(optax.adamw(1e-3))
+    step = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=True)
+    state = packed(tx.init(params))
+    new_params, _, _ = step(params, state, digits_batches[0])
+    with pytest.raises(RuntimeError, match="donat"):
+        step(new_params, state, digits_batches[1])
+
+
+@pytest.mark.slow
+def test_train_returns_and_checkpoints_a_plain_state(tmp_path, digits_batches):
+    params = tasks.mlp_init(jax.random.PRNGKey(0))
+    tx = hj.predictive(optax.adamw(1e-3))
+    ckpt = hj.Checkpointer(tmp_path / "ckpt", config=hj.HybridConfig().to_dict(), every=5)
+    data = lambda start: iter(digits_batches[start:])
+    result = hj.train(tasks.mlp_loss, tx, params, data, steps=10, checkpointer=ckpt)
+    assert isinstance(result.state, hj.HybridState)
+    like = tx.init(tasks.mlp_init(jax.random.PRNGKey(0)))
+    step, _, state, _ = ckpt.restore(jax.tree.map(jnp.zeros_like, result.params), like)
+    assert step == 10 and isinstance(state, hj.HybridState)
+    _same(result.state, state)
