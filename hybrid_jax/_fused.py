@@ -135,9 +135,13 @@ class FusedPhase:
         length = self.length = tx.config.max_horizon
         run = functools.partial(_run, tx, metrics_fn, length)
         self.packed = isinstance(state, PackedState)
-        self.layout = RowLayout(jax.eval_shape(metrics_fn, _tree(state)))
-        if self.packed:
-            program = functools.partial(_packed_program, tx, run)
+        self.layout = RowLayout(jax.eval_shape(lambda s: metrics_fn(_tree(s)), state))
+        if self.packed:  # the leaves the phase changes are donated and returned; not the rest
+            whole = functools.partial(_packed_program, tx, run)
+            same = unchanged_leaves(lambda s: whole(params, s)[1], state)
+            self.moving = tuple(i for i, s in enumerate(same) if not s)
+            self.fixed = tuple(i for i, s in enumerate(same) if s)
+            program = functools.partial(_split_program, whole, jax.tree.structure(state), same)
         else:
             rest = state._replace(snapshot=None)
             same = unchanged_leaves(lambda r: run(params, state.snapshot, r)[1], rest)
@@ -147,11 +151,10 @@ class FusedPhase:
         self._call = self.jitted
 
     def _args(self, params: PyTree, state: Any) -> tuple:
-        return (
-            (params, state)
-            if self.packed
-            else (params, state.snapshot, state._replace(snapshot=None))
-        )
+        if self.packed:
+            leaves = jax.tree.leaves(state)
+            return params, [leaves[i] for i in self.moving], [leaves[i] for i in self.fixed]
+        return params, state.snapshot, state._replace(snapshot=None)
 
     def compile(self, params: PyTree, state: Any) -> None:
         """Compiles the program now (nothing runs, nothing is donated)."""
@@ -159,7 +162,11 @@ class FusedPhase:
 
     def __call__(self, params: PyTree, state: Any):
         if self.packed:
-            params, state, first, packed = self._call(params, state)
+            leaves, treedef = jax.tree.flatten(state)
+            params, moved, first, packed = self._call(*self._args(params, state))
+            for i, x in zip(self.moving, moved, strict=True):
+                leaves[i] = x
+            state = jax.tree.unflatten(treedef, leaves)
             return params, state, first, PhaseResult(packed, self.layout, self.length)
         rest = state._replace(snapshot=None)
         params, snapshot, changed, first, packed = self._call(params, state.snapshot, rest)
@@ -189,6 +196,16 @@ def _program(tx: Any, run: Callable, changed: tuple[int, ...], params, snapshot,
     first, packed = _for_host(tx, rows, taken, new._replace(snapshot=snapshot))
     leaves = jax.tree.leaves(new)
     return params, snapshot, tuple(leaves[i] for i in changed), first, packed
+
+
+def _split_program(whole: Callable, treedef: Any, same: tuple[bool, ...], params, moving, fixed):
+    """``whole`` on a ``PackedState`` given as the leaves the phase changes (``moving``,
+    donated) and those it does not (``fixed``); returns only the changed ones."""
+    moving, fixed = iter(moving), iter(fixed)
+    state = jax.tree.unflatten(treedef, [next(fixed) if s else next(moving) for s in same])
+    params, new, first, packed = whole(params, state)
+    leaves = jax.tree.leaves(new)
+    return params, [x for x, s in zip(leaves, same, strict=True) if not s], first, packed
 
 
 def _packed_program(tx: Any, run: Callable, params, state: PackedState):
