@@ -183,7 +183,7 @@ def time_fused_phases(
 
     repin = lambda s: s._replace(**small)
     if pack:
-        layout = step._layout
+        layout = state.layout
         repin = jax.jit(lambda s: layout.pack(layout.unpack(s)._replace(**small)), donate_argnums=0)
         box[0] = (p, repin(state))
 
@@ -398,7 +398,7 @@ def main() -> None:
             for k, v in timeline_diff(timelines["adamw"], timelines[f"hybrid[{variant}] real"], 25):
                 print(f"  {v:+9.3f}  {k}")
 
-    for variant in set(args.variants.split(",")) & {"fused", "fused_packed"}:
+    for variant in [v for v in args.variants.split(",") if v in ("fused", "fused_packed")]:
         pack = variant == "fused_packed"
         time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, args.repeats, pack)
 

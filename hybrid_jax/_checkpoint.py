@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ._packing import unpack_state
+
 PyTree = Any
 
 FORMAT_VERSION = 1
@@ -106,7 +108,8 @@ class Checkpointer:
           step: the step the checkpoint belongs to (>= 0), e.g. the steps done so far.
           params: any pytree of arrays.
           state: any pytree of arrays (NamedTuples included, e.g. ``hj.HybridState``);
-            typed PRNG keys are handled (see the module docstring).
+            typed PRNG keys are handled (see the module docstring); a packed state
+            (``make_dispatched_step(pack_state=True)``) is saved as the state it holds.
           extra: a JSON-able dict stored beside (data position, a PRNG key as data,
             wall-clock, a reason such as ``"emergency"``); numpy/JAX arrays and typed
             keys inside it are encoded and come back as numpy arrays and typed keys.
@@ -125,6 +128,7 @@ class Checkpointer:
         if not force and step % self.every != 0:
             return False
         encoded_extra = _encode_json({} if extra is None else dict(extra), "extra")
+        state = unpack_state(state)  # a packed state is saved as the state it holds
         params_saved = _keys_to_data(params)
         state_saved = _keys_to_data(state)
         layout = {

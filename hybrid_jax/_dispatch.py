@@ -50,7 +50,7 @@ from ._kinds import (
     step_kinds,
 )
 from ._metrics import metrics
-from ._packing import PackedState, StateLayout, packed, unpack_state
+from ._packing import PackedState, StateLayout, packed, signature, unpack_state
 from ._state import HybridState
 from ._transform import PredictiveTransformation
 
@@ -140,7 +140,7 @@ class DispatchedStep:
         self._check: tuple[PhaseResult, int, int] | None = None
         self.phases_fused = 0
         self._pack = bool(pack_state)
-        self._layout: StateLayout | None = None
+        self._signature: StateLayout | None = None  # the shapes of the states seen last
         cfg = tx.config
         self._look = (
             (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s))
@@ -182,8 +182,8 @@ class DispatchedStep:
 
     def compile(self, params: PyTree, state: HybridState, batch: Any, *extra: Any) -> float:
         """Compiles every program the transformation can need (``kinds_used``) now for
-        these shapes (nothing runs, nothing is donated), so that no compilation happens
-        mid-run; returns the seconds taken."""
+        these shapes (nothing runs, nothing is donated; ``jax.eval_shape`` structures
+        will do), so that no compilation happens mid-run; returns the seconds taken."""
         t0 = time.perf_counter()
         state = self._state_in(state)
         for kind in kinds_used(self.tx.config):
@@ -227,13 +227,18 @@ class DispatchedStep:
         return self._out(params, state, m, aux)
 
     def _state_in(self, state: Any) -> Any:
-        """``state`` as this step's programs take it: packed with ``pack_state``, else as
-        a ``HybridState``."""
-        if not self._pack:
-            return unpack_state(state)
-        if self._layout is None:
-            self._layout = StateLayout(unpack_state(state))
-        return packed(state, self._layout)
+        """``state`` as this step's programs take it: packed with ``pack_state`` (a
+        ``HybridState`` of any shapes is packed anew), else as a ``HybridState``. A state
+        of other shapes than the last one drops the programs compiled for those."""
+        state = packed(state) if self._pack else unpack_state(state)
+        sig = signature(state)
+        if sig != self._signature:
+            if self._signature is not None:  # what was compiled is for other shapes
+                self._compiled.clear()
+                self._programs.pop(PHASE, None)
+                self._read = self._read_jit
+            self._signature = sig
+        return state
 
     def _restart(self, state: HybridState) -> int:
         """The kind ``state`` wants, read now, and the entry for the call after it."""

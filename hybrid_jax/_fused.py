@@ -2,12 +2,14 @@
 
 Stepped from Python, a phase is host-bound: a call's host cost grows with the arrays it
 takes and returns (buffers, Python objects, donation bookkeeping). So the program
-takes the state without its snapshot undonated (XLA drops the fields it does not
-read), donates the params and the snapshot, and returns only the leaves a Predict
-phase changes (found once, by tracing: see ``hybrid_jax._carry``), the first step's
-metrics, and everything the host reads later (the other steps' metrics rows, what
-the phase found, the outlook of the step after it) packed into one int32 array that
-is copied to the host asynchronously and read once.
+donates only the leaves a Predict phase changes (found once, by tracing: see
+``hybrid_jax._carry``), takes the others undonated (XLA drops the fields it does not
+read) and returns only the changed ones: for a ``HybridState``, the params and the
+snapshot donated and the small leaves it changes returned; for a ``PackedState``
+(``hybrid_jax._packing``), the params, its buffers and the kept leaves it changes. It
+also returns the first step's metrics, and everything the host reads later (the other
+steps' metrics rows, what the phase found, the outlook of the step after it) packed
+into one int32 array that is copied to the host asynchronously and read once.
 """
 
 from __future__ import annotations
@@ -135,7 +137,13 @@ class FusedPhase:
         length = self.length = tx.config.max_horizon
         run = functools.partial(_run, tx, metrics_fn, length)
         self.packed = isinstance(state, PackedState)
-        self.layout = RowLayout(jax.eval_shape(lambda s: metrics_fn(_tree(s)), state))
+        row = jax.eval_shape(lambda s: metrics_fn(_tree(s)), state)
+        if not jax.tree.leaves(row):
+            raise ValueError(
+                "fuse_predict=True needs a metrics_fn that returns at least one array (a "
+                "phase's rows are its values); e.g. metrics_fn=lambda s: s.step"
+            )
+        self.layout = RowLayout(row)
         if self.packed:  # the leaves the phase changes are donated and returned; not the rest
             whole = functools.partial(_packed_program, tx, run)
             same = unchanged_leaves(lambda s: whole(params, s)[1], state)

@@ -209,6 +209,7 @@ def train(
       A ``TrainResult``.
     """
     _check_args(steps=steps, sync_every=sync_every, eval_every=eval_every)
+    state = unpack_state(state)  # a packed state (make_dispatched_step(pack_state=True))
     _check_inputs(params, state, max_nonfinite_steps)
     result, clock = _start(
         tx, params, state, checkpointer=checkpointer, resume=resume, desc=desc, steps=steps

@@ -51,19 +51,65 @@ def test_layout_is_hashable_and_equal_for_equal_shapes():
     a, b = StateLayout(_state()), StateLayout(_state())
     assert a == b and hash(a) == hash(b)
     assert StateLayout(_state("rssm")) != a
-    with pytest.raises(TypeError, match="PackedState of this layout"):
+    with pytest.raises(TypeError, match="expected a PackedState of StateLayout"):
         a.unpack(_state())
 
 
-def test_attributes_read_through():
+def test_fields_read_through_and_the_state_is_read_only():
     state = _state()
     p = packed(state)
     assert isinstance(p.unpacked(), hj.HybridState)
-    assert int(p.counters.real_steps) == int(state.counters.real_steps)
+    _same(p.counters, state.counters)
+    _same(p.basis, state.basis)
     assert int(p.step) == 0
+    layout = p.layout
+    big = [i for i, s in enumerate(layout.slots) if not s.packed]
+    assert all(any(x is k for k in p.kept) for x in jax.tree.leaves(p.snapshot)
+               if x.size > 1 << 16)  # fmt: skip
+    assert len(big) == layout.kept
+    with pytest.raises(AttributeError, match=r"unpacked\(\)\._replace"):
+        p._replace(step=1)
     with pytest.raises(AttributeError):
-        p._private
+        p._private  # noqa: B018
+    with pytest.raises(AttributeError):
+        p.no_such_field  # noqa: B018
     assert packed(p) is p and unpack_state(state) is state
+
+
+def test_typed_keys_are_kept_and_abstract_states_pack_to_shapes():
+    params = tasks.mlp_init(jax.random.PRNGKey(0))
+    tx = hj.predictive(optax.chain(optax.add_noise(0.01, 0.55, 0), optax.adamw(1e-3)))
+    state = tx.init(params)
+    p = packed(state)
+    keys = [x for x in p.kept if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)]
+    assert len(keys) == 1
+    leaves = zip(jax.tree.leaves(state), jax.tree.leaves(p.unpacked()), strict=True)
+    assert all(a is b for a, b in leaves if jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended))
+    abstract = packed(jax.eval_shape(lambda: state))
+    assert abstract.layout == p.layout
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+
+
+def test_a_leaf_of_other_shape_or_dtype_is_named():
+    state = _state()
+    layout = StateLayout(state)
+    grown = state._replace(step=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(TypeError, match=r"state\.step is int32\[2\]"):
+        layout.pack(grown)
+    cast = state._replace(step=jnp.float32(0))
+    with pytest.raises(TypeError, match=r"state\.step is float32"):
+        jax.jit(layout.pack)(cast)
+    assert StateLayout(grown) != layout  # a step given it would pack it anew
+
+
+def test_a_donated_packed_state_says_so():
+    p = packed(_state())
+    p.step  # noqa: B018  (read once: the cache must not outlive the donation)
+    jax.jit(lambda s: s, donate_argnums=0)(p)
+    with pytest.raises(RuntimeError, match="donated"):
+        p.step  # noqa: B018
+    with pytest.raises(RuntimeError, match="donated"):
+        p.unpacked()
 
 
 def _run(digits_batches, *, pack, fuse, cfg, steps):
@@ -92,13 +138,29 @@ def test_packed_steps_take_the_same_steps_and_reach_the_same_parameters(digits_b
 
 
 @pytest.mark.slow
-def test_a_packed_step_takes_a_plain_state_and_a_plain_step_a_packed_one(digits_batches):
+def test_a_packed_step_resumes_from_a_plain_state_and_a_plain_step_from_a_packed_one(
+    digits_batches,
+):
     cfg = hj.HybridConfig(monitor_every=0, confidence_threshold=0.0)
-    params, state, _, _ = _run(digits_batches, pack=True, fuse=False, cfg=cfg, steps=20)
     tx = hj.predictive(optax.adamw(1e-3), cfg)
+    step = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=True, donate=False)
+    params = tasks.mlp_init(jax.random.PRNGKey(0))
+    state = tx.init(params)
+    for batch in digits_batches[:100]:
+        params, state, _ = step(params, state, batch)
+
+    def go_on(p, s):  # 60 more steps from (p, s)
+        for batch in digits_batches[100:160]:
+            p, s, _ = step(p, s, batch)
+        return p, s
+
+    a = go_on(params, state)  # the packed state the step returned
+    b = go_on(params, state.unpacked())  # as after a restore: packed anew
+    _same(a, b)
+    assert int(a[1].counters.predicted_steps) > int(state.counters.predicted_steps)
     plain = hj.make_dispatched_step(tasks.mlp_loss, tx)
-    _, out, _ = plain(params, state, digits_batches[20])
-    assert isinstance(out, hj.HybridState) and int(out.step) == 21
+    _, out, _ = plain(params, state, digits_batches[100])
+    assert isinstance(out, hj.HybridState) and int(out.step) == 101
 
 
 def test_a_consumed_packed_state_names_donation(digits_batches):
@@ -123,3 +185,25 @@ def test_train_returns_and_checkpoints_a_plain_state(tmp_path, digits_batches):
     step, _, state, _ = ckpt.restore(jax.tree.map(jnp.zeros_like, result.params), like)
     assert step == 10 and isinstance(state, hj.HybridState)
     _same(result.state, state)
+
+
+@pytest.mark.slow
+def test_compile_from_shapes_then_step_and_prepare_sees_the_state(digits_batches):
+    params = tasks.mlp_init(jax.random.PRNGKey(0))
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(monitor_every=0))
+    seen = []
+
+    def prepare(state, t):
+        seen.append(type(state).__name__)  # at trace time
+        return state
+
+    step = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=True, prepare=prepare)
+    shapes = jax.eval_shape(lambda: (params, tx.init(params), digits_batches[0]))
+    step.compile(*shapes, jax.ShapeDtypeStruct((), jnp.int32))
+    compiled = len(step.compiled_kinds)
+    assert compiled >= 3 and set(seen) == {"HybridState"}
+    state = tx.init(params)
+    for batch in digits_batches[:30]:
+        params, state, _ = step(params, state, batch, jnp.int32(0))
+    assert len(seen) == compiled  # nothing traced again
+    assert int(state.step) == 30
