@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +13,21 @@ import pytest
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
+
+
+def _share_compilations():
+    """Tests that compile the same program (the same step for the same config, loss and
+    shapes) compile it once: a compilation cache for this session, in a fresh temporary
+    folder (removed at exit), unless the environment configures one already."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = tempfile.mkdtemp(prefix="hybrid-jax-tests-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_share_compilations()
 
 
 def quadratic_params(dtype=jnp.float32):
