@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -113,6 +115,39 @@ def run_digits(split, tx, steps, seed, batch_size=64):
     )
     held_out = float(tasks.mlp_loss(res.params, (split.x_test, split.y_test)))
     return res.params, res.state, res.rows[-1], held_out
+
+
+def run_command_line(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python3 -m hybrid_jax ARGS``, a process of its own."""
+    cmd = [sys.executable, "-m", "hybrid_jax", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(params=["in_process", pytest.param("process", marks=pytest.mark.slow)])
+def command_line(request, capsys):
+    """Runs the command line ``python3 -m hybrid_jax ARGS``; returns a
+    ``subprocess.CompletedProcess`` (exit status, stdout, stderr).
+
+    In this process (the fast tier): ``hybrid_jax._cli.main(ARGS)``, whose return value,
+    or argparse's ``SystemExit``, is the exit status, as ``python3 -m hybrid_jax`` calls
+    it (an exception escaping ``main``, a traceback in a process, fails the test). As a
+    process of its own in the slow tier.
+    """
+    if request.param == "process":
+        return run_command_line
+
+    from hybrid_jax import _cli
+
+    def run(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            status = _cli.main(list(args))
+        except SystemExit as e:  # argparse: --help, an unknown flag
+            status = 0 if e.code is None else e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["python3", "-m", "hybrid_jax", *args], status, out, err)
+
+    return run
 
 
 def pytest_collection_modifyitems(items):
