@@ -45,11 +45,8 @@ def _run(step, tx, batches, keep_at=None):
     return kept, jax.device_get(rows), ahead
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [{}, pytest.param({"predictor": "rssm"}, marks=pytest.mark.slow)],
-    ids=["last_update", "rssm"],
-)
+@pytest.mark.slow  # 160 digits steps, three times, through nine programs
+@pytest.mark.parametrize("changes", [{}, {"predictor": "rssm"}], ids=["last_update", "rssm"])
 def test_fused_phases_take_the_same_steps_and_reach_the_same_parameters(changes):
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG, **changes))
     batches = _batches(160)
