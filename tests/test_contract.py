@@ -91,7 +91,7 @@ def test_update_keeps_state_structure_shapes_and_dtypes(dtype, basis_dtype):
 
 
 def test_update_is_jitted_once():
-    tx = hj.predictive(optax.adam(1e-2), fast_config())
+    tx = hj.predictive(optax.adamw(1e-2), fast_config())
     params = quadratic_params()
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -105,7 +105,7 @@ def test_update_is_jitted_once():
 
 
 def test_donation_raises_no_warning_and_consumes_inputs():
-    tx = hj.predictive(optax.adamw(1e-2), fast_config())
+    tx = hj.predictive(optax.adam(1e-2), fast_config())
     params = quadratic_params()
     state = tx.init(params)
     step = hj.make_hybrid_step(quadratic_loss, tx)
