@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import shutil
 import subprocess
 import sys
@@ -139,11 +140,17 @@ def command_line(request, capsys):
     from hybrid_jax import _cli
 
     def run(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        logger = logging.getLogger("hybrid_jax")  # main sets it up as a process would
+        handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
         capsys.readouterr()
         try:
             status = _cli.main(list(args))
         except SystemExit as e:  # argparse: --help, an unknown flag
             status = 0 if e.code is None else e.code
+        finally:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(["python3", "-m", "hybrid_jax", *args], status, out, err)
 
