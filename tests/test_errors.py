@@ -109,7 +109,7 @@ def test_occasional_nan_batches_warn_with_their_count_and_do_not_stop_the_run():
 def test_a_clean_run_gives_no_nonfinite_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", hj.NonfiniteWarning)
-        res = _train(_hybrid(), lambda i: False, steps=30)
+        res = _train(_hybrid(), lambda i: False, steps=30, stepping="dispatched")  # the default
     assert res.rows[-1]["skipped_updates"] == 0
 
 
