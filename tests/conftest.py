@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +16,21 @@ import pytest
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
+
+
+def _share_compilations():
+    """Tests that compile the same program (the same step for the same config, loss and
+    shapes) compile it once: a compilation cache for this session, in a fresh temporary
+    folder (removed at exit), unless the environment configures one already."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = tempfile.mkdtemp(prefix="hybrid-jax-tests-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_share_compilations()
 
 
 def quadratic_params(dtype=jnp.float32):
@@ -94,6 +116,45 @@ def run_digits(split, tx, steps, seed, batch_size=64):
     )
     held_out = float(tasks.mlp_loss(res.params, (split.x_test, split.y_test)))
     return res.params, res.state, res.rows[-1], held_out
+
+
+def run_command_line(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python3 -m hybrid_jax ARGS``, a process of its own."""
+    cmd = [sys.executable, "-m", "hybrid_jax", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(params=["in_process", pytest.param("process", marks=pytest.mark.slow)])
+def command_line(request, capsys):
+    """Runs the command line ``python3 -m hybrid_jax ARGS``; returns a
+    ``subprocess.CompletedProcess`` (exit status, stdout, stderr).
+
+    In this process (the fast tier): ``hybrid_jax._cli.main(ARGS)``, whose return value,
+    or argparse's ``SystemExit``, is the exit status, as ``python3 -m hybrid_jax`` calls
+    it (an exception escaping ``main``, a traceback in a process, fails the test). As a
+    process of its own in the slow tier.
+    """
+    if request.param == "process":
+        return run_command_line
+
+    from hybrid_jax import _cli
+
+    def run(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        logger = logging.getLogger("hybrid_jax")  # main sets it up as a process would
+        handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+        capsys.readouterr()
+        try:
+            status = _cli.main(list(args))
+        except SystemExit as e:  # argparse: --help, an unknown flag
+            status = 0 if e.code is None else e.code
+        finally:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["python3", "-m", "hybrid_jax", *args], status, out, err)
+
+    return run
 
 
 def pytest_collection_modifyitems(items):

@@ -41,6 +41,7 @@ def run_rows(tx, params, loss_fn, data, steps):
     return res.rows, res.state
 
 
+@pytest.mark.slow  # a whole run: 300 steps through hj.train, five programs
 def test_an_exact_predictor_is_accepted_nearly_always():
     """SGD on ``0.5 a |x|^2`` scales each update by ``r = 1 - lr a``; a predictor of
     ``r`` times the last update takes exactly the real steps' trajectory, so its phases

@@ -1,11 +1,20 @@
 """The basis of real updates: layout, least-squares fit, composition over a Predict phase."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hybrid_jax import _basis
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "sketch"))
+def _pushed(basis, u, decay, groups=(0, 1), sketch=1):
+    """``_basis.push`` of ``u`` with its inner products, as a real step pushes (jitted:
+    one program instead of op by op)."""
+    return _basis.push(basis, u, _basis.gram(basis, u, groups, 2, sketch), decay)
 
 
 def _tree(rng, shapes=((5, 3), (7,))):
@@ -27,8 +36,7 @@ def test_push_keeps_last_ema_and_older_updates(size):
     history, ema = [], None
     for _ in range(6):
         u = _tree(rng)
-        g = _basis.gram(basis, u, groups, 2)
-        basis = _basis.push(basis, u, g, 0.8)
+        basis = _pushed(basis, u, 0.8, groups)
         history.append(u)
         ema = u if ema is None else jax.tree.map(lambda m, x: 0.8 * m + 0.2 * x, ema, u)
     for leaf, dirs in zip(["p0", "p1"], _logical(basis, size), strict=True):
@@ -44,7 +52,7 @@ def test_tracked_gram_matches_direct_inner_products():
     basis = _basis.init(params, 3, "float32", 2)
     for _ in range(5):
         u = _tree(rng)
-        basis = _basis.push(basis, u, _basis.gram(basis, u, (0, 1), 2), 0.9)
+        basis = _pushed(basis, u, 0.9)
     for gi, dirs in enumerate(_logical(basis, 3)):
         flat = dirs.reshape(3, -1)
         np.testing.assert_allclose(np.asarray(basis.gram[gi]), flat @ flat.T, rtol=1e-4)
@@ -56,7 +64,7 @@ def test_fit_recovers_known_coefficients():
     basis = _basis.init(params, 3, "float32", 2)
     for _ in range(3):
         u = _tree(rng, ((40, 10), (30,)))
-        basis = _basis.push(basis, u, _basis.gram(basis, u, (0, 1), 2), 0.5)
+        basis = _pushed(basis, u, 0.5)
     truth = jnp.asarray([[0.7, -0.2, 0.4], [1.5, 0.3, -0.8]], jnp.float32)
     target = _basis.combine(basis, truth, (0, 1), params)
     coefs, r2 = _basis.fit(_basis.gram(basis, target, (0, 1), 2), 1e-8)
@@ -72,7 +80,7 @@ def test_transition_composes_like_pushing_the_predicted_updates():
     basis = _basis.init(params, size, "float32", 2)
     for _ in range(4):
         u = _tree(rng)
-        basis = _basis.push(basis, u, _basis.gram(basis, u, groups, 2), decay)
+        basis = _pushed(basis, u, decay, groups)
     frozen, pushed = basis, basis
     transport = jnp.broadcast_to(jnp.eye(size), (2, size, size))
     for _ in range(4):
@@ -80,7 +88,7 @@ def test_transition_composes_like_pushing_the_predicted_updates():
         want = _basis.combine(pushed, c, groups, params)
         got = _basis.combine(frozen, jnp.einsum("gb,gbc->gc", c, transport), groups, params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
-        pushed = _basis.push(pushed, want, _basis.gram(pushed, want, groups, 2), decay)
+        pushed = _pushed(pushed, want, decay, groups)
         transport = jnp.einsum("gij,gjk->gik", _basis.transition(c, decay), transport)
 
 
@@ -90,7 +98,7 @@ def test_norm_from_gram_matches_direct_norm():
     basis = _basis.init(params, 2, "float32", 2)
     for _ in range(3):
         u = _tree(rng)
-        basis = _basis.push(basis, u, _basis.gram(basis, u, (0, 1), 2), 0.9)
+        basis = _pushed(basis, u, 0.9)
     c = jnp.asarray([[0.3, 1.2], [-0.5, 0.1]], jnp.float32)
     d = _basis.combine(basis, c, (0, 1), params)
     direct = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(d)))
@@ -125,8 +133,8 @@ def test_sketched_gram_estimates_the_exact_one_and_keeps_an_exact_fit():
     exact = sketched = _basis.init(params, 3, "float32", 2)
     for _ in range(3):
         u = _tree(rng, shapes)
-        exact = _basis.push(exact, u, _basis.gram(exact, u, groups, 2), 0.5)
-        sketched = _basis.push(sketched, u, _basis.gram(sketched, u, groups, 2, 8), 0.5)
+        exact = _pushed(exact, u, 0.5, groups)
+        sketched = _pushed(sketched, u, 0.5, groups, sketch=8)
 
     # square norms within 10%, cosines within 0.05 (4096 of 32768 elements sampled)
     def norms_and_cosines(gram):

@@ -25,8 +25,8 @@ def _params():
 def trained():
     """Params and a non-trivial HybridState after 6 steps, the step fn and later batches."""
     tx = hj.predictive(optax.adam(1e-2), CFG)
-    params = _params()
-    state = tx.init(params)
+    params = _device(_params())
+    state = _device(tx.init(params))
     step = hj.make_hybrid_step(quadratic_loss, tx)
     batches = quadratic_batches(9)
     for b in batches[:6]:
@@ -35,7 +35,9 @@ def trained():
 
 
 def _device(tree):
-    return jax.tree.map(jnp.asarray, tree)
+    """On the device and committed to it, as the checkpointer restores arrays (so that
+    the step takes both alike, compiled once)."""
+    return jax.device_put(tree, jax.devices()[0])
 
 
 def _bits(x):

@@ -6,6 +6,7 @@ on (the training clock, the stop request)."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -18,17 +19,20 @@ from pathlib import Path
 import numpy as np
 import optax
 import pytest
-from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
+from conftest import (
+    fast_config,
+    quadratic_batches,
+    quadratic_loss,
+    quadratic_params,
+    run_command_line,
+)
 
 import hybrid_jax as hj
 from hybrid_jax import _cli, _clock, _job
 from hybrid_jax.config import Predictors
 
 CLI = [sys.executable, "-m", "hybrid_jax"]
-
-
-def _cli_run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+_cli_run = run_command_line
 
 
 def _first_line_with(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
@@ -52,10 +56,18 @@ def _stop(proc: subprocess.Popen) -> str:
 
 
 # -- flags, help, config -------------------------------------------------------------
-def test_every_flag_has_help_and_help_shows_the_defaults():
+def test_python_m_hybrid_jax_runs_the_command_line(tmp_path):
+    """``python3 -m hybrid_jax`` is ``_cli.main`` with its exit status (the other tests of
+    the command line run it in this process; the slow tier runs them as processes too)."""
+    proc = _cli_run("--out", str(tmp_path), "--steps", "0")
+    assert proc.returncode == 2
+    assert "--steps must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_flag_has_help_and_help_shows_the_defaults(command_line):
     for action in _cli._parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
-    proc = _cli_run("--help")
+    proc = command_line("--help")
     assert proc.returncode == 0
     out = " ".join(proc.stdout.split())  # argparse wraps lines
     for shown in (
@@ -72,26 +84,71 @@ def test_every_flag_has_help_and_help_shows_the_defaults():
     assert "``" not in proc.stdout  # plain text, no reST markup
 
 
-def test_print_config_is_the_jobs_config_as_toml():
-    proc = _cli_run("--print-config")
+def test_print_config_is_the_jobs_config_as_toml(command_line):
+    proc = command_line("--print-config")
     assert proc.returncode == 0, proc.stderr
     assert hj.HybridConfig.from_toml(proc.stdout) == hj.HybridConfig(**_job.DEFAULT_CONFIG)
-    proc = _cli_run("--print-config", "--predictor", "extrapolate")
+    proc = command_line("--print-config", "--predictor", "extrapolate")
     cfg = hj.HybridConfig.from_toml(proc.stdout)
     assert cfg.predictor == "extrapolate"
     assert cfg.max_horizon == _job.DEFAULT_CONFIG["max_horizon"]
 
 
-def test_print_config_applies_the_config_file(tmp_path):
+def test_print_config_applies_the_config_file(tmp_path, command_line):
     path = tmp_path / "c.toml"
     path.write_text("warmup_steps = 7\nmax_horizon = 6\n")
-    proc = _cli_run("--print-config", "--config", str(path))
+    proc = command_line("--print-config", "--config", str(path))
     assert proc.returncode == 0, proc.stderr
     cfg = hj.HybridConfig.from_toml(proc.stdout)
     assert (cfg.warmup_steps, cfg.max_horizon) == (7, 6)
 
 
 # -- what --resume finds ---------------------------------------------------------------
+def test_resume_says_what_it_found_in_the_checkpoint_folder(tmp_path):
+    """What ``--resume`` reports comes from ``hj.train``: no checkpoint, or none that can
+    be read (named in a warning: there is no earlier one to fall back to). The two tests
+    below check the whole job's output, as a process."""
+    bad = tmp_path / "garbage" / "100"
+    bad.mkdir(parents=True)
+    (bad / "junk").write_text("not a checkpoint")
+
+    def resume(ckpt):
+        return hj.train(
+            quadratic_loss,
+            optax.adam(1e-2),
+            quadratic_params(),
+            _quadratic_data,
+            steps=1,
+            checkpointer=ckpt,
+            resume=True,
+            progress=False,
+            desc="hybrid",
+        )
+
+    logger = logging.getLogger("hybrid_jax")
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        with hj.Checkpointer(tmp_path / "empty", config={}) as ckpt:
+            assert resume(ckpt).start_step == 0
+        with hj.Checkpointer(tmp_path / "garbage", config={}) as ckpt:
+            found = r"checkpoint at step 100 .*no earlier checkpoint to fall back to"
+            with pytest.warns(RuntimeWarning, match=found):
+                assert resume(ckpt).start_step == 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert lines == [
+        f"hybrid: no checkpoint in {tmp_path / 'empty'}, starting at step 0",
+        f"hybrid: no readable checkpoint in {tmp_path / 'garbage'}, starting at step 0",
+    ]
+
+
+@pytest.mark.slow  # a process of its own
 def test_resume_on_an_empty_folder_says_so(tmp_path):
     proc = subprocess.Popen(
         [*CLI, "--resume", "--out", str(tmp_path), "--steps", "5", "--no-progress"],
@@ -123,6 +180,7 @@ def test_an_earlier_runs_checkpoints_error_names_resume_and_overwrite(tmp_path, 
     assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a process of its own
 def test_resume_on_a_garbage_folder_says_what_it_found(tmp_path):
     bad = tmp_path / "checkpoints" / "hybrid" / "100"
     bad.mkdir(parents=True)

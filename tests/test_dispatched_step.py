@@ -7,6 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    fast_config,
+    quadratic_batches,
+    quadratic_loss,
+    quadratic_params,
+    quadratic_run_until_predict,
+)
 
 import hybrid_jax as hj
 from hybrid_jax import _dispatch, tasks
@@ -139,19 +146,15 @@ def test_the_kind_after_next_is_exact_even_around_vetoes(digits_batches, changes
     assert int(c.idle_steps) + int(c.rollbacks) + int(jnp.sum(state.monitor.events)) > 0
 
 
-def test_a_vetoed_predicted_step_applies_nothing(digits_batches):
-    cfg = hj.HybridConfig(warmup_steps=5, confidence_threshold=0.0)
-    tx = hj.predictive(optax.adamw(1e-3), cfg)
-    step = hj.make_hybrid_step(tasks.mlp_loss, tx)
-    params = tasks.mlp_init(jax.random.key(0))
-    state = tx.init(params)
-    for b in digits_batches[:60]:
-        if int(state.phase.id) == hj.PREDICT and int(state.phase.step) == 1:
-            break
-        params, state, _ = step(params, state, b)
+def test_a_vetoed_predicted_step_applies_nothing():
+    cfg = fast_config()
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    step, params, state, batches = quadratic_run_until_predict(tx, 60)
+    params, state, _ = step(params, state, next(batches))  # the phase's first step
+    assert int(state.phase.id) == hj.PREDICT and int(state.phase.step) == 1
     state = state._replace(pending=state.pending._replace(veto=jnp.asarray(True)))
     before = jax.tree.map(jnp.copy, params)
-    params, new, m = step(params, state, digits_batches[61])
+    params, new, m = step(params, state, next(batches))
     jax.tree.map(np.testing.assert_array_equal, params, before)
     assert not bool(m["used_gradient"]) and int(m["idle_steps"]) == 1
     assert int(new.phase.id) == hj.CORRECT and bool(new.pending.verify)
@@ -269,12 +272,11 @@ def test_same_steps_with_unobserved_real_steps(digits_batches):
 
 def test_compile_twice_then_step():
     """``compile`` may be called again (it compiled its state reader the first time)."""
-    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig())
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx)
-    params = tasks.mlp_init(jax.random.key(0))
+    tx = hj.predictive(optax.adam(1e-2), fast_config())
+    step = hj.make_dispatched_step(quadratic_loss, tx)
+    params = quadratic_params()
     state = tx.init(params)
-    split = tasks.digits(0)
-    batch = next(tasks.batches(split.x_train, split.y_train, 64, seed=0))
+    batch = quadratic_batches(1)[0]
     assert step.compile(params, state, batch) >= 0.0
     assert step.compile(params, state, batch) >= 0.0
     params, state, _ = step(params, state, batch)

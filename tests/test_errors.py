@@ -34,8 +34,9 @@ def _data(bad: typing.Callable[[int], bool]):
 
 
 def _train(tx, bad, steps, **kw):
+    """``hj.train`` on quadratic batches, with its default stepping: the runs of
+    ``_hybrid()`` below share its compiled programs."""
     kw.setdefault("sync_every", 10)
-    kw.setdefault("stepping", "cond")  # one program: the quickest to compile
     return hj.train(
         quadratic_loss, tx, quadratic_params(), _data(bad), steps=steps, progress=False, **kw
     )
@@ -128,7 +129,7 @@ def _nan_after_first_step():
 def test_nonfinite_predictions_are_warned_about_with_their_count():
     tx = hj.predictive(optax.adam(1e-2), fast_config(), predictor=_nan_after_first_step())
     with pytest.warns(hj.NonfiniteWarning) as record:
-        res = _train(tx, lambda i: False, steps=60)
+        res = _train(tx, lambda i: False, steps=60, stepping="cond")  # one program, its own
     held = res.rows[-1]["nonfinite_predictions"]
     assert held >= 2
     first, summary = _messages(record)

@@ -49,6 +49,12 @@ def test_pairs_of_observed_steps_and_plain_steps_in_between():
     assert int(state.counters.real_steps) == 15 and int(state.counters.observed_steps) == 6
 
 
+def _update_at_loss_one(tx):
+    """``tx.update`` jitted, given a loss and a snapshot loss of 1 (the tests below with
+    the same config share its program)."""
+    return jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0, snapshot_value=1.0))
+
+
 def test_one_and_two_observe_every_real_step():
     for k in (1, 2):
         cfg = hj.HybridConfig(warmup_steps=0, observe_every=k)
@@ -66,7 +72,7 @@ def test_unobserved_step_skips_a_nonfinite_gradient():
     assert int(hj._kinds.kind_of(cfg, state)) == _dispatch.PLAIN
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
     grads["w"] = grads["w"].at[2, 1].set(jnp.inf)
-    updates, new = jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0))(grads, state, params)
+    updates, new = _update_at_loss_one(tx)(grads, state, params)
     assert int(new.counters.skipped_updates) == 1 and int(new.counters.observed_steps) == 0
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     jax.tree.map(np.testing.assert_array_equal, new.inner, state.inner)
@@ -99,6 +105,6 @@ def test_a_pending_verification_is_always_an_observed_verifying_step():
     state = _full(tx.init(params))
     state = state._replace(pending=state.pending._replace(verify=jnp.asarray(True)))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
-    _, new = tx.update(grads, state, params, value=1.0, snapshot_value=1.0)
+    _, new = _update_at_loss_one(tx)(grads, state, params)
     assert not bool(new.pending.verify)
     assert int(new.counters.verifications) == 1 and int(new.counters.observed_steps) == 1

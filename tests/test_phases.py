@@ -114,7 +114,7 @@ def test_confidence_horizon_policy_scales_with_confidence():
 
 def test_force_full_interrupts_a_predict_phase():
     cfg = fast_config()
-    tx = hj.predictive(optax.sgd(0.01), cfg)
+    tx = hj.predictive(optax.adam(1e-2), cfg)  # the fast tests' common step: compiled once
     step, params, state, batches = quadratic_run_until_predict(tx, 40)
     state = hj.force_full(state, 5)
     phases = []

@@ -211,24 +211,14 @@ def test_cli_main_job_writes_metrics_plots_and_comparison(tmp_path):
         (["--bogus"], "unrecognized arguments"),
     ],
 )
-def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path, args, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "hybrid_jax", "--out", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path, command_line, args, message):
+    proc = command_line("--out", str(tmp_path), *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_bad_config_value_is_reported(tmp_path):
+def test_cli_bad_config_value_is_reported(tmp_path, command_line):
     cfg = tmp_path / "c.toml"
     cfg.write_text("full_steps = 0\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "hybrid_jax", "--config", str(cfg), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = command_line("--config", str(cfg), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "HybridConfig.full_steps" in proc.stderr
