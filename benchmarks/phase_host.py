@@ -3,13 +3,17 @@ microseconds per call.
 
     python benchmarks/phase_host.py --model tiny     # lm25's tree of arrays, tiny shapes
     python benchmarks/phase_host.py --model lm25     # (counts only with --counts-only)
+    python benchmarks/phase_host.py --model tiny --pack --metrics train
 
 Prints JSON lines: the leaves that go in and out of the phase's program and of a real
 step's program; the host time of each of the 6 calls of a phase (the first launches the
 phase, the others serve its rows) and of a whole phase, phases back to back as in
 ``step_cost.py --variants fused``; the same program signature with no work in it (the
 host's floor for that call); and a jitted call's floor against the number of arrays it
-donates and returns.
+donates and returns. ``--pack`` packs the state (``pack_state=True``; each phase is then
+pinned by one more small program, timed with it); ``--metrics train`` returns the
+metrics as ``hj.train`` does (one array), so that the phase's program returns every
+step's row and the calls serving them do not wait for it (``hybrid_jax._fused``).
 """
 
 from __future__ import annotations
@@ -61,14 +65,19 @@ def floor_curve(sizes=(1, 10, 40, 80, 150)) -> list[dict]:
     return out
 
 
-def setup(model: str):
+METRICS = {"all": hj.metrics, "train": lambda s: hj._train._pack(hj.metrics(s))}
+
+
+def setup(model: str, pack: bool = False, metrics: str = "all"):
     """A dispatched step with fused phases, its basis filled by 3 real steps, compiled."""
     params, loss_fn, batch = build(model)
     cfg = hj.HybridConfig(
         max_horizon=PHASE_STEPS, min_horizon=PHASE_STEPS, monitor=hj.MonitorSettings(warmup=2**30)
     )
     tx = hj.predictive(optax.adamw(3e-4), cfg)
-    step = hj.make_dispatched_step(loss_fn, tx, fuse_predict=True)
+    step = hj.make_dispatched_step(
+        loss_fn, tx, fuse_predict=True, pack_state=pack, metrics_fn=METRICS[metrics]
+    )
     state = tx.init(params)
     for _ in range(3):
         params, state, _ = step(params, state, batch)
@@ -95,8 +104,13 @@ def counts(step, params, state, batch) -> dict:
 def stepped(step, params, state, batch, phases: int = 40, repeats: int = 5):
     """Host microseconds of each call of a phase and of a whole phase (back to back);
     returns them and the params and state after the last phase."""
-    pinned = pinned_phase(state)
+    pinned = pinned_phase(hj._packing.unpack_state(state))
     small = dict(phase=pinned.phase, pending=pinned.pending, snapshot_valid=pinned.snapshot_valid)
+    repin = lambda s: s._replace(**small)
+    if isinstance(state, hj._packing.PackedState):
+        layout = state.layout
+        repin = jax.jit(lambda s: layout.pack(layout.unpack(s)._replace(**small)), donate_argnums=0)
+        state = repin(state)
     d = hj._dispatch
     told = [[d.PREDICT_FIRST, 0, -1], [d.PREDICT, PHASE_STEPS, d.VERIFY]]
     box, calls, totals = [(params, state)], [[] for _ in range(PHASE_STEPS)], []
@@ -104,7 +118,7 @@ def stepped(step, params, state, batch, phases: int = 40, repeats: int = 5):
         p, s = box[0]
         t0 = time.perf_counter()
         for _ in range(phases):
-            s = s._replace(**small)  # as the step before a phase would leave it
+            s = repin(s)  # as the step before a phase would leave it
             step._last_state, step._pending = s, collections.deque(np.int32(told))
             step._check = step._phase = None
             for i in range(PHASE_STEPS):
@@ -142,14 +156,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="tiny", choices=["tiny", "lm", "lm25", "gpt2"])
     ap.add_argument("--counts-only", action="store_true", help="leaves in and out only")
+    ap.add_argument("--pack", action="store_true", help="pack the state (pack_state=True)")
+    ap.add_argument("--metrics", default="all", choices=sorted(METRICS))
     args = ap.parse_args()
-    step, params, state, batch = setup(args.model)
+    step, params, state, batch = setup(args.model, args.pack, args.metrics)
     row = dict(model=args.model, jax=jax.__version__, device=jax.devices()[0].platform)
-    print(json.dumps(dict(**row, **counts(step, params, state, batch))), flush=True)
+    row.update(pack=args.pack, metrics=args.metrics)
+    if not args.pack:
+        print(json.dumps(dict(**row, **counts(step, params, state, batch))), flush=True)
     if args.counts_only:
         return
     times, (params, state) = stepped(step, params, state, batch)
     print(json.dumps(dict(**row, **times)), flush=True)
+    if args.pack:
+        return
     floor = signature_floor(step, params, state, batch)
     print(json.dumps(dict(**row, signature_floor_us=round(floor, 1))), flush=True)
     print(json.dumps(dict(**row, floor_curve=floor_curve())), flush=True)

@@ -153,8 +153,11 @@ def pinned_phase(state: hj.HybridState) -> hj.HybridState:
     return state._replace(phase=phase, pending=pending, snapshot_valid=no)
 
 
+PHASE_METRICS = {"all": hj.metrics, "train": lambda s: hj._train._pack(hj.metrics(s))}
+
+
 def time_fused_phases(
-    inner, cfg, loss_fn, batch, fresh, record, repeats: int, pack: bool = False
+    inner, cfg, loss_fn, batch, fresh, record, repeats: int, pack: bool = False, metrics="train"
 ) -> None:
     """Predict phases of ``PHASE_STEPS`` steps, each run as one program and stepped from
     Python (``fuse_predict=True``: one call per step, the first runs the phase and reads
@@ -162,9 +165,14 @@ def time_fused_phases(
     donates nor changes them), handed to the step as its own state, so that no call
     but the step's own runs. With ``pack``, the state is packed and donated whole, so
     each phase is pinned by one more (small) program, timed apart as "re-pin alone".
-    Also the device's busy time per phase (a profile)."""
+    ``metrics``: ``"train"``, every metric in one array as ``hj.train`` returns them (the
+    program then returns each step's row: no call waits for the phase), or ``"all"``,
+    ``hj.metrics``' 23 arrays (the rows are read on the host, the phase's second call
+    waits for it). Also the device's busy time per phase (a profile)."""
     tx = hj.predictive(inner, cfg.replace(max_horizon=PHASE_STEPS, min_horizon=PHASE_STEPS))
-    step = hj.make_dispatched_step(loss_fn, tx, fuse_predict=True, pack_state=pack)
+    step = hj.make_dispatched_step(
+        loss_fn, tx, fuse_predict=True, pack_state=pack, metrics_fn=PHASE_METRICS[metrics]
+    )
     p = fresh()
     state = tx.init(p)
     for _ in range(3):  # fill the basis with real updates
@@ -200,6 +208,7 @@ def time_fused_phases(
         return p
 
     label = f"predict phase of {PHASE_STEPS}" + (" (packed)" if pack else "")
+    label += "" if metrics == "train" else f" (metrics {metrics})"
     t, s = median_time(python_loop, repeats)
     record(f"{label}, stepped", t / phases, s / phases, cs)
     if pack:
@@ -244,6 +253,13 @@ def main() -> None:
         "pack_state=True)",
     )
     ap.add_argument("--skip-baselines", action="store_true", help="only the hybrid variants")
+    ap.add_argument(
+        "--phase-metrics",
+        default="train",
+        choices=sorted(PHASE_METRICS),
+        help="the fused variants' metrics: as hj.train returns them (one array) or all of "
+        "hj.metrics' (23 arrays)",
+    )
     ap.add_argument("--fused", action="store_true", help="also time lax.scan loops")
     ap.add_argument("--out", default="", help="append JSON lines here")
     ap.add_argument("--profile", default="", help="trace a loop of each mode here")
@@ -400,7 +416,9 @@ def main() -> None:
 
     for variant in [v for v in args.variants.split(",") if v in ("fused", "fused_packed")]:
         pack = variant == "fused_packed"
-        time_fused_phases(inner, cfg, loss_fn, batch, fresh, record, args.repeats, pack)
+        time_fused_phases(
+            inner, cfg, loss_fn, batch, fresh, record, args.repeats, pack, args.phase_metrics
+        )
 
     if args.fused:
         stacked = jax.tree.map(lambda x: jnp.stack([x] * n), batch)

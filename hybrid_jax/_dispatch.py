@@ -16,11 +16,12 @@ With ``fuse_predict=True`` a Predict phase needs no data and runs as one program
 (``hybrid_jax._predicted.predicted_phase``): its first call applies the whole phase
 (up to ``max_horizon`` steps) in one pass over the parameters and the basis, and the
 calls after it, one per step of the phase, return that phase's metrics rows one by one
-without launching anything (their batches are not used). The host learns the phase's
-length without waiting for it: a phase's small state does not depend on the
-parameters, so the program before it already works out (``outlook``) how many steps
-it will take and which kind of step follows, and the host reads that a step late as
-usual.
+without launching anything (their batches are not used) and, unless ``metrics_fn``
+returns many arrays (``hybrid_jax._fused.ROW_OUTPUTS``), without waiting for it. The
+host learns the phase's length without waiting for it: a phase's small state does not
+depend on the parameters, so the program before it already works out (``outlook``)
+how many steps it will take and which kind of step follows, and the host reads that a
+step late as usual.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ class DispatchedStep:
     ``fuse_predict=True`` runs each Predict phase as one program (see the module): the
     params and state returned by its first call are those after the whole phase, and
     ``steps_ahead`` says by how many of the coming calls (each returns the same params
-    and state and the next step's metrics, as host scalars). Checkpoint or evaluate where
+    and state and the next step's metrics: device arrays the phase's program returned,
+    so the call waits for nothing; or, where ``metrics_fn`` returns many arrays, host
+    values, the first such call waiting for the phase). Checkpoint or evaluate where
     ``steps_ahead == 0``. It needs ``config.monitor_every == 0`` (the monitor's forward
     passes need each step's batch), and it does not run ``prepare`` (a Predict phase
     reads no step arguments).

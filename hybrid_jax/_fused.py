@@ -32,6 +32,11 @@ PyTree = Any
 
 TAIL = 5  # int32s after the rows: the outlook of the step after the phase (3), [taken, kind after]
 
+# Up to this many arrays, the program returns every step's metrics as its own device
+# arrays, so that the calls serving them need not wait for the phase; past it (a large
+# metrics_fn), the rows are read on the host from the packed array (one wait per phase).
+ROW_OUTPUTS = 32
+
 
 def pack_rows(rows: Any) -> jax.Array:
     """Stacked metrics rows (leaves shaped ``(L, ...)``, 32-bit or bool) as one int32
@@ -78,10 +83,12 @@ def unpack_rows(packed: np.ndarray, like: Any) -> Any:
 
 class PhaseResult:
     """What a fused phase's call left for the host: its packed rows and tail (an int32
-    array on its way to the host), read once, when first needed."""
+    array on its way to the host), read once, when first needed, and (where the program
+    returns them: ``ROW_OUTPUTS``) every step's metrics as device arrays."""
 
-    def __init__(self, packed: jax.Array, layout: RowLayout, length: int):
+    def __init__(self, packed: jax.Array, layout: RowLayout, length: int, shown: tuple = ()):
         self._packed, self._layout, self._length = packed, layout, length
+        self._shown = shown
         self._host: np.ndarray | None = None
         self._rows: list[Any] | None = None
         packed.copy_to_host_async()
@@ -94,7 +101,10 @@ class PhaseResult:
         return self._host
 
     def row(self, i: int) -> Any:
-        """Step ``i``'s metrics row (host values)."""
+        """Step ``i``'s metrics row: device arrays where the program returned them (no
+        wait), else host values."""
+        if self._shown:
+            return self._shown[i]
         if self._rows is None:
             flat = self.host()[: self._length * self._layout.width]
             self._rows = self._layout.unpack(flat.reshape(self._length, self._layout.width))
@@ -144,8 +154,10 @@ class FusedPhase:
                 "phase's rows are its values); e.g. metrics_fn=lambda s: s.step"
             )
         self.layout = RowLayout(row)
+        self.every_row = (length - 1) * len(jax.tree.leaves(row)) <= ROW_OUTPUTS
+        show = functools.partial(_for_host, tx, self.every_row)
         if self.packed:  # the leaves the phase changes are donated and returned; not the rest
-            whole = functools.partial(_packed_program, tx, run)
+            whole = functools.partial(_packed_program, show, run)
             same = unchanged_leaves(lambda s: whole(params, s)[1], state)
             self.moving = tuple(i for i, s in enumerate(same) if not s)
             self.fixed = tuple(i for i, s in enumerate(same) if s)
@@ -154,7 +166,7 @@ class FusedPhase:
             rest = state._replace(snapshot=None)
             same = unchanged_leaves(lambda r: run(params, state.snapshot, r)[1], rest)
             self.changed = tuple(i for i, s in enumerate(same) if not s)
-            program = functools.partial(_program, tx, run, self.changed)
+            program = functools.partial(_program, show, run, self.changed)
         self.jitted = jax.jit(program, donate_argnums=(0, 1) if donate else ())
         self._call = self.jitted
 
@@ -171,39 +183,51 @@ class FusedPhase:
     def __call__(self, params: PyTree, state: Any):
         if self.packed:
             leaves, treedef = jax.tree.flatten(state)
-            params, moved, first, packed = self._call(*self._args(params, state))
+            params, moved, shown, packed = self._call(*self._args(params, state))
             for i, x in zip(self.moving, moved, strict=True):
                 leaves[i] = x
             state = jax.tree.unflatten(treedef, leaves)
-            return params, state, first, PhaseResult(packed, self.layout, self.length)
+            return params, state, shown[0], self._result(packed, shown)
         rest = state._replace(snapshot=None)
-        params, snapshot, changed, first, packed = self._call(params, state.snapshot, rest)
+        params, snapshot, changed, shown, packed = self._call(params, state.snapshot, rest)
         leaves, treedef = jax.tree.flatten(rest)
         for i, x in zip(self.changed, changed, strict=True):
             leaves[i] = x
         state = jax.tree.unflatten(treedef, leaves)._replace(snapshot=snapshot)
-        return params, state, first, PhaseResult(packed, self.layout, self.length)
+        return params, state, shown[0], self._result(packed, shown)
+
+    def _result(self, packed: jax.Array, shown: tuple) -> PhaseResult:
+        return PhaseResult(packed, self.layout, self.length, shown if self.every_row else ())
 
 
 def _tree(state: Any) -> HybridState:
     return state.layout.unpack(state) if isinstance(state, PackedState) else state
 
 
-def _for_host(tx: Any, rows: Any, taken: jax.Array, whole: HybridState) -> tuple[Any, jax.Array]:
-    """The first step's metrics, and the rows, outlook and findings packed for the host."""
+def _for_host(
+    tx: Any, every_row: bool, rows: Any, taken: jax.Array, whole: HybridState
+) -> tuple[tuple, jax.Array]:
+    """The metrics rows the program returns as they are (every step's with
+    ``every_row``, else the first step's), and the rows, outlook and findings packed
+    for the host."""
     found = jnp.stack([taken, kind_of(tx.config, whole)])
     tail = jnp.concatenate([outlook(tx, whole), found])
     packed = jnp.concatenate([pack_rows(rows).reshape(-1), tail.astype(jnp.int32)])
-    return jax.tree.map(lambda r: r[0], rows), packed
+    length = jax.tree.leaves(rows)[0].shape[0] if every_row else 1
+    return tuple(jax.tree.map(functools.partial(_take, i), rows) for i in range(length)), packed
 
 
-def _program(tx: Any, run: Callable, changed: tuple[int, ...], params, snapshot, rest):
+def _take(i: int, stacked: jax.Array) -> jax.Array:
+    return stacked[i]
+
+
+def _program(show: Callable, run: Callable, changed: tuple[int, ...], params, snapshot, rest):
     """The phase on a ``HybridState`` split as ``snapshot`` (donated) and ``rest``; returns
     only the leaves of the state that change."""
     params, new, rows, taken, snapshot = run(params, snapshot, rest)
-    first, packed = _for_host(tx, rows, taken, new._replace(snapshot=snapshot))
+    shown, packed = show(rows, taken, new._replace(snapshot=snapshot))
     leaves = jax.tree.leaves(new)
-    return params, snapshot, tuple(leaves[i] for i in changed), first, packed
+    return params, snapshot, tuple(leaves[i] for i in changed), shown, packed
 
 
 def _split_program(whole: Callable, treedef: Any, same: tuple[bool, ...], params, moving, fixed):
@@ -211,18 +235,18 @@ def _split_program(whole: Callable, treedef: Any, same: tuple[bool, ...], params
     donated) and those it does not (``fixed``); returns only the changed ones."""
     moving, fixed = iter(moving), iter(fixed)
     state = jax.tree.unflatten(treedef, [next(fixed) if s else next(moving) for s in same])
-    params, new, first, packed = whole(params, state)
+    params, new, shown, packed = whole(params, state)
     leaves = jax.tree.leaves(new)
-    return params, [x for x, s in zip(leaves, same, strict=True) if not s], first, packed
+    return params, [x for x, s in zip(leaves, same, strict=True) if not s], shown, packed
 
 
-def _packed_program(tx: Any, run: Callable, params, state: PackedState):
+def _packed_program(show: Callable, run: Callable, params, state: PackedState):
     """The phase on a ``PackedState``: returns the whole (packed) state after it."""
     whole = state.layout.unpack(state)
     params, new, rows, taken, snapshot = run(params, whole.snapshot, whole._replace(snapshot=None))
     whole = new._replace(snapshot=snapshot)
-    first, packed = _for_host(tx, rows, taken, whole)
-    return params, state.layout.pack(whole), first, packed
+    shown, packed = show(rows, taken, whole)
+    return params, state.layout.pack(whole), shown, packed
 
 
 def _run(tx: Any, metrics_fn: Callable, length: int, params, snapshot, rest):

@@ -155,3 +155,36 @@ def test_a_fused_phase_returns_only_the_leaves_it_changes():
     for name in ("inner", "basis", "encoder", "residuals", "bandit", "corrector"):
         old, new = jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(state, name))
         assert len(old) == len(new) and all(x is y for x, y in zip(old, new, strict=True)), name
+
+
+def test_a_phase_with_few_metrics_serves_its_rows_as_device_arrays_without_waiting():
+    """With a small ``metrics_fn`` the phase's program returns every step's row as device
+    arrays (``_fused.ROW_OUTPUTS``): the calls serving them read nothing on the host, and
+    every row matches the unfused step's."""
+    few = lambda s: {"step": s.step, "used": s.last.used_gradient, "norm": s.last.update_norm}
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
+    batches = _batches(100)
+    fused = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=few)
+    params = tasks.mlp_init(jax.random.key(0))
+    state, rows, ahead = tx.init(params), [], []
+    for b in batches:
+        params, state, m = fused(params, state, b)
+        ahead.append(fused.steps_ahead)
+        if fused._phase is not None and fused._phase.served > 1:  # a call the phase served
+            assert fused._phase.result._host is None  # nothing read from the phase yet
+            assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(m))
+        rows.append(m)
+    assert fused.phases_fused > 3 and fused._programs[hj._dispatch.PHASE].every_row
+    plain = hj.make_dispatched_step(tasks.mlp_loss, tx, metrics_fn=few)
+    p2 = tasks.mlp_init(jax.random.key(0))
+    s2, want = tx.init(p2), []
+    end = max(i for i, a in enumerate(ahead) if a == 0)
+    for b in batches[: end + 1]:
+        p2, s2, m = plain(p2, s2, b)
+        want.append(m)
+    got = jax.device_get(rows[: end + 1])
+    want = jax.device_get(want)
+    steps = list(range(1, end + 2))  # each row: the state after its step
+    assert [int(r["step"]) for r in got] == [int(r["step"]) for r in want] == steps
+    assert [bool(r["used"]) for r in got] == [bool(r["used"]) for r in want]
+    np.testing.assert_allclose([r["norm"] for r in got], [r["norm"] for r in want], rtol=1e-4)
