@@ -22,6 +22,7 @@ leaves only), and ``unpacked()`` returns the ``HybridState`` itself, for checkpo
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -82,12 +83,17 @@ class StateLayout:
         self.slots, self.dtypes, self.sizes = tuple(slots), tuple(dtypes), tuple(sizes)
         self.kept = kept
         self._key = (self.treedef, self.slots)
+        self._hash = hash(self._key)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StateLayout) and self._key == other._key
+    def __eq__(self, other: object) -> bool:  # on every call of a program (its pytree's aux)
+        if other is self:
+            return True
+        if not isinstance(other, StateLayout) or self._hash != other._hash:
+            return False
+        return self._key == other._key
 
     def __hash__(self) -> int:
-        return hash(self._key)
+        return self._hash
 
     @property
     def arrays(self) -> int:
@@ -219,6 +225,17 @@ class PackedState:
         return f"PackedState({self.layout!r})"
 
 
+# Equal layouts as one object: a program's pytree compares the layout of every state it
+# is given with the one it was compiled for, and the same object compares at once.
+_LAYOUTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def layout_of(tree: Any) -> StateLayout:
+    """``StateLayout(tree)``, the very object of any equal layout still in use."""
+    layout = StateLayout(tree)
+    return _LAYOUTS.setdefault(layout._key, layout)
+
+
 def _abstract(tree: Any) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
@@ -228,7 +245,7 @@ def packed(state: Any, layout: StateLayout | None = None) -> PackedState:
     structures, their packed shapes), or as it is if packed."""
     if isinstance(state, PackedState):
         return state
-    layout = layout or StateLayout(state)
+    layout = layout or layout_of(state)
     if _abstract(state):
         return jax.eval_shape(layout.pack, state)
     leaves = layout.treedef.flatten_up_to(state)
@@ -245,4 +262,4 @@ def unpack_state(state: Any) -> Any:
 def signature(state: Any) -> StateLayout:
     """What a compiled program for ``state`` was built for: its structure, shapes and
     dtypes (and for a packed state, how it is packed)."""
-    return state.layout if isinstance(state, PackedState) else StateLayout(state)
+    return state.layout if isinstance(state, PackedState) else layout_of(state)
