@@ -5,7 +5,8 @@ here, e.g. as ``hj.report.plot_run``).
 
 A *row* is the dict of one step's metrics as host scalars, e.g.
 ``jax.device_get(hj.metrics(state))`` (names in ``hybrid_jax/_metrics.py``), optionally
-with ``"time"`` (wall-clock seconds since the start, taken after the step) and
+with ``"time"`` (training seconds since the start when the step was launched; for the
+last step, once its work was done) and
 ``"eval_loss"`` on the steps that were evaluated. Rows of a plain optax run (no
 ``phase`` or ``used_gradient``) are accepted too: every step counts as a real step.
 """

@@ -222,3 +222,26 @@ def test_cli_bad_config_value_is_reported(tmp_path, command_line):
     cfg.write_text("full_steps = 0\n")
     proc = command_line("--config", str(cfg), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "HybridConfig.full_steps" in proc.stderr
+
+
+def test_the_last_rows_time_is_taken_once_the_last_step_is_done(monkeypatch, digits_split):
+    """A row's time is its step's launch; a plain step's launches can run ahead of the
+    device, so the run's wall-clock (the last row's time) must wait for the last step."""
+    from hybrid_jax._metrics import METRIC_NAMES
+
+    waited, block = [], jax.block_until_ready
+
+    def spy(x):
+        waited.append(x)
+        return block(x)
+
+    monkeypatch.setattr(jax, "block_until_ready", spy)
+    data = lambda start: tasks.batches(digits_split.x_train, digits_split.y_train, 32, 0, start)
+    res = hj.train(
+        tasks.mlp_loss, optax.adamw(1e-3), tasks.mlp_init(jax.random.key(0)), data,
+        steps=6, progress=False,
+    )  # fmt: skip
+    vectors = [np.asarray(x) for x in waited if getattr(x, "shape", None) == (len(METRIC_NAMES),)]
+    assert vectors, "no step's metrics were waited for"
+    last = res.rows[-1]["step"]
+    assert len(res.rows) == 6 and vectors[-1][METRIC_NAMES.index("step")] == last
