@@ -102,8 +102,8 @@ class DispatchedStep:
     params and state returned by its first call are those after the whole phase, and
     ``steps_ahead`` says by how many of the coming calls (each returns the same params
     and state and the next step's metrics: device arrays the phase's program returned,
-    so the call waits for nothing; or, where ``metrics_fn`` returns many arrays, host
-    values, the first such call waiting for the phase). Checkpoint or evaluate where
+    so the call does not wait for the phase; or, where ``metrics_fn`` returns many
+    arrays, numpy values, the first such call waiting for the phase). Checkpoint or evaluate where
     ``steps_ahead == 0``. It needs ``config.monitor_every == 0`` (the monitor's forward
     passes need each step's batch), and it does not run ``prepare`` (a Predict phase
     reads no step arguments).

@@ -7,9 +7,12 @@ donates only the leaves a Predict phase changes (found once, by tracing: see
 read) and returns only the changed ones: for a ``HybridState``, the params and the
 snapshot donated and the small leaves it changes returned; for a ``PackedState``
 (``hybrid_jax._packing``), the params, its buffers and the kept leaves it changes. It
-also returns the first step's metrics, and everything the host reads later (the other
-steps' metrics rows, what the phase found, the outlook of the step after it) packed
-into one int32 array that is copied to the host asynchronously and read once.
+also returns every step's metrics as device arrays where they are few
+(``ROW_OUTPUTS``), else the first step's, and what the host reads later (what the
+phase found, the outlook of the step after it, and without the rows on the device,
+the other steps' rows) packed into one int32 array that is copied to the host
+asynchronously and read once. The two ways give the same values; rows read on the host
+are numpy values, of the same dtypes for 32-bit metrics.
 """
 
 from __future__ import annotations
@@ -211,10 +214,12 @@ def _for_host(
     ``every_row``, else the first step's), and the rows, outlook and findings packed
     for the host."""
     found = jnp.stack([taken, kind_of(tx.config, whole)])
-    tail = jnp.concatenate([outlook(tx, whole), found])
-    packed = jnp.concatenate([pack_rows(rows).reshape(-1), tail.astype(jnp.int32)])
-    length = jax.tree.leaves(rows)[0].shape[0] if every_row else 1
-    return tuple(jax.tree.map(functools.partial(_take, i), rows) for i in range(length)), packed
+    tail = jnp.concatenate([outlook(tx, whole), found]).astype(jnp.int32)
+    if every_row:  # the rows stay on the device; the host reads the tail only
+        length = jax.tree.leaves(rows)[0].shape[0]
+        return tuple(jax.tree.map(functools.partial(_take, i), rows) for i in range(length)), tail
+    packed = jnp.concatenate([pack_rows(rows).reshape(-1), tail])
+    return (jax.tree.map(functools.partial(_take, 0), rows),), packed
 
 
 def _take(i: int, stacked: jax.Array) -> jax.Array:

@@ -231,7 +231,8 @@ _LAYOUTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def layout_of(tree: Any) -> StateLayout:
-    """``StateLayout(tree)``, the very object of any equal layout still in use."""
+    """``StateLayout(tree)``, or the very object of an equal layout made before (kept
+    while anything, such as the packing programs' cache, holds it)."""
     layout = StateLayout(tree)
     return _LAYOUTS.setdefault(layout._key, layout)
 

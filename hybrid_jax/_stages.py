@@ -76,9 +76,18 @@ def choose(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: x if x is y else jnp.where(cond, x, y), a, b)
 
 
+# Up to this many elements in all, a tree's norm is one reduction over its leaves joined
+# (one kernel on a GPU, where a small model's step is bound by its kernel launches);
+# above it, one reduction per leaf (no joined copy of a large tree).
+JOINED_NORM_MAX = 1 << 20
+
+
 def global_norm(tree: PyTree) -> jax.Array:
     """Euclidean norm of all leaves together, in float32."""
-    sq = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
+    if 1 < len(leaves) and sum(x.size for x in leaves) <= JOINED_NORM_MAX:
+        return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate([x.ravel() for x in leaves]))))
+    sq = [jnp.sum(jnp.square(x)) for x in leaves]
     return jnp.sqrt(sum(sq, jnp.zeros((), jnp.float32)))
 
 

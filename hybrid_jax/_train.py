@@ -54,9 +54,10 @@ class TrainResult:
         after the first (compiling) step and stopped during evaluations and
         checkpoints; a resumed run goes on from the checkpoint's clock. With
         asynchronous dispatch a step's dispatch waits for the device once its queue is
-        full, so the clock follows the device's pace; the last step's time is taken once
-        its work is done, so that the run's wall-clock (the last row's time) counts every
-        step's work, however far ahead of the device the launches ran.
+        full, so the clock follows the device's pace. The last step's time (of the
+        run, or where ``stop`` ended it) is taken once its work is done, so that the
+        run's wall-clock (the last row's time) counts every step's work, however far
+        ahead of the device the launches ran.
       evals: ``(step, held-out loss)`` pairs.
       memory: the memory monitor's summary (``None`` without a monitor).
       start_step: the first step this call ran (after a resume, not 0).
@@ -333,10 +334,10 @@ def _step_loop(
         if i == start:  # compilation: timed apart, the clock of the rows starts after it
             result.compile_seconds += _end_compile(vec, clock)
         last_step = i == steps - 1
-        if last_step:  # a row's time is its step's launch; the run's ends with its work
+        stopping = stop is not None and not last_step and stop()
+        if last_step or stopping:  # a row's time is its launch; the run's, its work done
             jax.block_until_ready(vec)
         pending.append((i, clock.now(), vec))
-        stopping = stop is not None and not last_step and stop()
         eval_loss = None
         if eval_fn is not None and ((eval_every and (i + 1) % eval_every == 0) or last_step):
             with clock.paused(wait_for=params):

@@ -157,14 +157,17 @@ def test_a_fused_phase_returns_only_the_leaves_it_changes():
         assert len(old) == len(new) and all(x is y for x, y in zip(old, new, strict=True)), name
 
 
-def test_a_phase_with_few_metrics_serves_its_rows_as_device_arrays_without_waiting():
+@pytest.mark.parametrize("pack", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_a_phase_with_few_metrics_serves_its_rows_as_device_arrays_without_waiting(pack):
     """With a small ``metrics_fn`` the phase's program returns every step's row as device
     arrays (``_fused.ROW_OUTPUTS``): the calls serving them read nothing on the host, and
     every row matches the unfused step's."""
     few = lambda s: {"step": s.step, "used": s.last.used_gradient, "norm": s.last.update_norm}
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
     batches = _batches(100)
-    fused = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=few)
+    fused = hj.make_dispatched_step(
+        tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=few, pack_state=pack
+    )
     params = tasks.mlp_init(jax.random.key(0))
     state, rows, ahead = tx.init(params), [], []
     for b in batches:
@@ -174,7 +177,8 @@ def test_a_phase_with_few_metrics_serves_its_rows_as_device_arrays_without_waiti
             assert fused._phase.result._host is None  # nothing read from the phase yet
             assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(m))
         rows.append(m)
-    assert fused.phases_fused > 3 and fused._programs[hj._dispatch.PHASE].every_row
+    phase = fused._programs[hj._dispatch.PHASE]
+    assert fused.phases_fused > 3 and phase.every_row and phase.packed == pack
     plain = hj.make_dispatched_step(tasks.mlp_loss, tx, metrics_fn=few)
     p2 = tasks.mlp_init(jax.random.key(0))
     s2, want = tx.init(p2), []

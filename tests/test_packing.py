@@ -55,6 +55,14 @@ def test_layout_is_hashable_and_equal_for_equal_shapes():
         a.unpack(_state())
 
 
+def test_equal_layouts_are_one_object():
+    from hybrid_jax._packing import layout_of
+
+    a, b = layout_of(_state()), layout_of(_state())
+    assert a is b and packed(_state()).layout is a
+    assert layout_of(_state("rssm")) is not a and layout_of(_state("rssm")) != a
+
+
 def test_fields_read_through_and_the_state_is_read_only():
     state = _state()
     p = packed(state)

@@ -396,3 +396,12 @@ def test_an_accepted_phase_takes_one_rejection_off_the_back_off():
     state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
     _, new, m = step(params, state, batch)
     assert bool(m["rolled_back"]) and int(new.phase.rejected) == 4
+
+
+@pytest.mark.parametrize("joined_max", [0, 1 << 20], ids=["leaf_by_leaf", "joined"])
+def test_the_global_norm_is_the_norm_of_every_leaf_together(monkeypatch, joined_max):
+    monkeypatch.setattr(_stages, "JOINED_NORM_MAX", joined_max)
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.asarray([-3.0, 4.0], jnp.bfloat16)}
+    want = np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in tree.values()))
+    np.testing.assert_allclose(float(jax.jit(_stages.global_norm)(tree)), want, rtol=1e-6)
+    assert _stages.global_norm({"only": jnp.asarray([3.0, 4.0])}) == 5.0

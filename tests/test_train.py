@@ -227,21 +227,29 @@ def test_cli_bad_config_value_is_reported(tmp_path, command_line):
 def test_the_last_rows_time_is_taken_once_the_last_step_is_done(monkeypatch, digits_split):
     """A row's time is its step's launch; a plain step's launches can run ahead of the
     device, so the run's wall-clock (the last row's time) must wait for the last step."""
+    from hybrid_jax._clock import TrainingClock
     from hybrid_jax._metrics import METRIC_NAMES
 
-    waited, block = [], jax.block_until_ready
+    events, block, now = [], jax.block_until_ready, TrainingClock.now
 
     def spy(x):
-        waited.append(x)
+        if getattr(x, "shape", None) == (len(METRIC_NAMES),):  # a step's metrics
+            events.append(("wait", int(np.asarray(x)[METRIC_NAMES.index("step")])))
         return block(x)
 
+    def clock_now(self):
+        events.append(("clock", None))
+        return now(self)
+
     monkeypatch.setattr(jax, "block_until_ready", spy)
+    monkeypatch.setattr(TrainingClock, "now", clock_now)
     data = lambda start: tasks.batches(digits_split.x_train, digits_split.y_train, 32, 0, start)
     res = hj.train(
         tasks.mlp_loss, optax.adamw(1e-3), tasks.mlp_init(jax.random.key(0)), data,
         steps=6, progress=False,
     )  # fmt: skip
-    vectors = [np.asarray(x) for x in waited if getattr(x, "shape", None) == (len(METRIC_NAMES),)]
-    assert vectors, "no step's metrics were waited for"
     last = res.rows[-1]["step"]
-    assert len(res.rows) == 6 and vectors[-1][METRIC_NAMES.index("step")] == last
+    assert len(res.rows) == 6
+    waited = [i for i, e in enumerate(events) if e == ("wait", last)]
+    assert waited, "the last step's metrics were not waited for"
+    assert ("clock", None) in events[waited[-1] :]  # its time was read after the wait
