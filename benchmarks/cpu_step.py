@@ -10,10 +10,11 @@ observed) and by ``make_hybrid_step`` (``stepping="cond"``); and the default wit
 packing the state's small leaves (``hybrid_jax._packing``; ``hj.train`` packs them).
 The figure is seconds per step from the moment the second batch is asked for to the
 return of ``hj.train`` (every step's result fetched), the median over repeats (arms
-alternating), its ratio to plain AdamW's median, and the median of the paired ratios
-(each repeat's time over AdamW's in the same repeat). (The rows' times are when each step was
-launched; a plain step never waits for the device, so its launches can run ahead of
-it, and the rows would time the host.)
+alternating, after one untimed short run of each: the packing programs compile once
+per process), its ratio to plain AdamW's median, and the median of the paired ratios
+(each repeat's time over AdamW's in the same repeat). The rows' times are when each
+step was launched; a plain step never waits for the device, so its launches can run
+ahead of it, and the rows would time the host.
 
 Why the ``lax.switch`` step is slow here: XLA:CPU rewrites the backward pass's
 convolutions (the gradients of the input and of the filter) into the layout its fast
@@ -123,6 +124,8 @@ def main() -> None:
     if args.no_cond:
         del arms["hybrid, cond"]
     times: dict[str, list[float]] = {name: [] for name in arms}
+    for tx, stepping, *pack in arms.values():  # untimed: what compiles once per process
+        seconds_per_step(loss_fn, init_fn, tx, data, 3, stepping, *pack)
     for _ in range(args.repeats):
         for name, (tx, stepping, *pack) in arms.items():
             t = seconds_per_step(loss_fn, init_fn, tx, data, args.steps, stepping, *pack)

@@ -167,7 +167,7 @@ def time_fused_phases(
     each phase is pinned by one more (small) program, timed apart as "re-pin alone".
     ``metrics``: ``"train"``, every metric in one array as ``hj.train`` returns them (the
     program then returns each step's row: no call waits for the phase), or ``"all"``,
-    ``hj.metrics``' 23 arrays (the rows are read on the host, the phase's second call
+    ``hj.metrics``' 24 arrays (the rows are read on the host, the phase's second call
     waits for it). Also the device's busy time per phase (a profile)."""
     tx = hj.predictive(inner, cfg.replace(max_horizon=PHASE_STEPS, min_horizon=PHASE_STEPS))
     step = hj.make_dispatched_step(
@@ -208,7 +208,7 @@ def time_fused_phases(
         return p
 
     label = f"predict phase of {PHASE_STEPS}" + (" (packed)" if pack else "")
-    label += "" if metrics == "train" else f" (metrics {metrics})"
+    label += f" (metrics {metrics})"  # train: one array, as hj.train; all: hj.metrics'
     t, s = median_time(python_loop, repeats)
     record(f"{label}, stepped", t / phases, s / phases, cs)
     if pack:
@@ -258,7 +258,7 @@ def main() -> None:
         default="train",
         choices=sorted(PHASE_METRICS),
         help="the fused variants' metrics: as hj.train returns them (one array) or all of "
-        "hj.metrics' (23 arrays)",
+        "hj.metrics' (24 arrays)",
     )
     ap.add_argument("--fused", action="store_true", help="also time lax.scan loops")
     ap.add_argument("--out", default="", help="append JSON lines here")
