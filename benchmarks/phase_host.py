@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import PHASE_STEPS, build, pinned_phase
+from step_cost import PHASE_STEPS, build, repinner
 
 import hybrid_jax as hj
 
@@ -104,12 +104,8 @@ def counts(step, params, state, batch) -> dict:
 def stepped(step, params, state, batch, phases: int = 40, repeats: int = 5):
     """Host microseconds of each call of a phase and of a whole phase (back to back);
     returns them and the params and state after the last phase."""
-    pinned = pinned_phase(hj._packing.unpack_state(state))
-    small = dict(phase=pinned.phase, pending=pinned.pending, snapshot_valid=pinned.snapshot_valid)
-    repin = lambda s: s._replace(**small)
+    repin = repinner(state)
     if isinstance(state, hj._packing.PackedState):
-        layout = state.layout
-        repin = jax.jit(lambda s: layout.pack(layout.unpack(s)._replace(**small)), donate_argnums=0)
         state = repin(state)
     d = hj._dispatch
     told = [[d.PREDICT_FIRST, 0, -1], [d.PREDICT, PHASE_STEPS, d.VERIFY]]

@@ -153,6 +153,18 @@ def pinned_phase(state: hj.HybridState) -> hj.HybridState:
     return state._replace(phase=phase, pending=pending, snapshot_valid=no)
 
 
+def repinner(state):
+    """``repin(state) -> state`` at the start of a Predict phase of ``PHASE_STEPS`` steps
+    (``pinned_phase``'s small arrays); for a ``PackedState``, a jitted program that
+    donates it."""
+    pinned = pinned_phase(hj._packing.unpack_state(state))
+    small = dict(phase=pinned.phase, pending=pinned.pending, snapshot_valid=pinned.snapshot_valid)
+    if not isinstance(state, hj._packing.PackedState):
+        return lambda s: s._replace(**small)
+    layout = state.layout
+    return jax.jit(lambda s: layout.pack(layout.unpack(s)._replace(**small)), donate_argnums=0)
+
+
 PHASE_METRICS = {"all": hj.metrics, "train": lambda s: hj._train._pack(hj.metrics(s))}
 
 
@@ -180,8 +192,6 @@ def time_fused_phases(
     t0 = time.perf_counter()
     step.compile(p, state, batch)
     cs = time.perf_counter() - t0
-    pinned = pinned_phase(hj._packing.unpack_state(state))
-    small = dict(phase=pinned.phase, pending=pinned.pending, snapshot_valid=pinned.snapshot_valid)
     phases, box = 10, [(p, state)]
     d = hj._dispatch
     told = [
@@ -189,10 +199,8 @@ def time_fused_phases(
         for k in ([d.PREDICT_FIRST, 0, -1], [d.PREDICT, PHASE_STEPS, d.VERIFY])
     ]
 
-    repin = lambda s: s._replace(**small)
+    repin = repinner(state)
     if pack:
-        layout = state.layout
-        repin = jax.jit(lambda s: layout.pack(layout.unpack(s)._replace(**small)), donate_argnums=0)
         box[0] = (p, repin(state))
 
     def python_loop():
