@@ -10,7 +10,10 @@ channels 64 and 128):
 - ``adamw``: a jitted, donated AdamW step, called in a loop;
 - ``hybrid``: ``make_dispatched_step`` with the defaults (no Predict phase: the
   confidence threshold is 1), the state packed, one metric scalar, as ``end_to_end.py
-  --stepping python`` calls it;
+  --stepping python`` calls it: inside a Full phase the host reads the kind of one
+  step in ``PLAN - 1`` (``hybrid_jax._dispatch.PLAN``);
+- ``hybrid, kind read every step``: the same, its programs compiled with ``PLAN = 2``
+  (no kinds known beyond the next), as before the kinds were planned;
 - ``plain program`` / ``real program``: the hybrid's unobserved and observed real-step
   programs alone, called in a loop (no choice on the host);
 - ``plain program, outlook read``: the unobserved program alone, each call's outlook
@@ -87,11 +90,18 @@ def hybrid_step(loss_fn):
     return tx, hj.make_dispatched_step(loss_fn, tx, pack_state=True, metrics_fn=lambda s: s.step)
 
 
-def hybrid_loop(init, loss_fn, batches, steps):
+def hybrid_loop(init, loss_fn, batches, steps, plan=None):
+    """``plan``: compile the programs with ``hybrid_jax._dispatch.PLAN = plan`` (2: no
+    kinds known beyond the next, so the host reads the kind of every step)."""
     tx, step = hybrid_step(loss_fn)
     params = init(jax.random.key(0))
     state = tx.init(params)
-    step.compile(params, state, batches[0])
+    saved = hj._dispatch.PLAN
+    hj._dispatch.PLAN = plan or saved
+    try:
+        step.compile(params, state, batches[0])
+    finally:
+        hj._dispatch.PLAN = saved
     box = [(params, state)]
 
     def run():
@@ -149,6 +159,7 @@ def main() -> None:
     arms = {
         "adamw": adamw_loop(init, loss_fn, batches, args.steps),
         "hybrid": hybrid_loop(init, loss_fn, batches, args.steps),
+        "hybrid, kind read every step": hybrid_loop(init, loss_fn, batches, args.steps, plan=2),
         "plain program": program_loop(init, loss_fn, batches, args.steps, PLAIN),
         "real program": program_loop(init, loss_fn, batches, args.steps, REAL),
         "plain program, outlook read": program_loop(
@@ -163,7 +174,7 @@ def main() -> None:
         base = base or t
         row = dict(model=args.model, arm=name, ms_per_step=t * 1e3, spread_ms=spread * 1e3)
         row["ratio_to_adamw"] = t / base
-        if name == "hybrid":
+        if name.startswith("hybrid"):
             row["host_only_ms_per_call"] = host_only(run, args.steps) * 1e3
             row["kind_counts"] = dict(
                 zip(hj._dispatch.KIND_NAMES, run.step.kind_counts, strict=True)

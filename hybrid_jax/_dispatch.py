@@ -12,6 +12,13 @@ would wait for the device on every step. Every program therefore also returns
 that kind is exact, so this step takes the same steps as ``make_hybrid_step`` and
 reaches the same parameters up to rounding (tested).
 
+A read waits for a program and costs the host tens of microseconds, which on a small
+model is a large part of a step. Inside a Full phase nothing a step measures changes
+the kinds of the steps after it (``_phases.deferred``), so each program also returns
+the kinds it can be certain of beyond that one (``kinds_ahead``, up to ``PLAN - 2``
+more), and the host reads nothing while it has kinds in hand: one read per
+``PLAN - 1`` steps of a Full phase.
+
 With ``fuse_predict=True`` a Predict phase needs no data and runs as one program
 (``hybrid_jax._predicted.predicted_phase``): its first call applies the whole phase
 (up to ``max_horizon`` steps) in one pass over the parameters and the basis, and the
@@ -45,6 +52,7 @@ from ._kinds import (
     VERIFY,
     kind_after_next,
     kind_of,
+    kinds_ahead,
     kinds_used,
     loss_with_aux,
     missing,
@@ -92,9 +100,9 @@ class DispatchedStep:
     gives what each call returns as its metrics, computed inside the programs. Each
     program is compiled once, on first use, or all of them up front by
     ``compile(params, state, batch)``; ``compiled_kinds`` lists those compiled so far
-    and ``kind_counts`` how often each kind of step ran. The host reads a few int32 per
-    step, a step late, so it never waits for the step it has just launched (but it does
-    wait for the one before: at most two steps are queued on the device); it reads
+    and ``kind_counts`` how often each kind of step ran. The host reads a few int32 a
+    step late (inside a Full phase, once every few steps), so it never waits for the
+    step it has just launched (a read waits for the one before it); it reads
     them at once whenever it is given a state it did not return itself (the first
     call, a restored checkpoint).
 
@@ -145,8 +153,12 @@ class DispatchedStep:
         self._pack = bool(pack_state)
         self._signature: StateLayout | None = None  # the shapes of the states seen last
         cfg = tx.config
+        self._planned: collections.deque = collections.deque()  # kinds known ahead
+        self._width = 3 if self._fuse else 1  # the entry's part before its plan
         self._look = (
-            (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s))
+            (lambda s: _with_plan(cfg, s, outlook(tx, s)))
+            if self._fuse
+            else (lambda s: _with_plan(cfg, s, kind_after_next(cfg, s)[None]))
         )
         self._read_jit = jax.jit(lambda s: (kind_of(cfg, _tree(s)), self._look(_tree(s))))
         self._read = self._read_jit
@@ -226,7 +238,8 @@ class DispatchedStep:
             return self._run_phase(params, state, batch)
         program = self._compiled.get(kind) or self._program(kind, params, batch)
         params, state, m, aux, ahead = program(params, state, batch, *extra)
-        ahead.copy_to_host_async()  # read two calls later: on its way by then
+        if len(self._planned) < 2:  # read two calls later: on its way by then
+            ahead.copy_to_host_async()
         self._pending.append(ahead)
         return self._out(params, state, m, aux)
 
@@ -248,12 +261,22 @@ class DispatchedStep:
         """The kind ``state`` wants, read now, and the entry for the call after it."""
         now, look = jax.device_get(self._read(state))
         self._pending = collections.deque([look])
+        self._planned.clear()
         self._phase = self._check = None
         return int(now)
 
     def _entry(self) -> int:
-        """The kind of this call, made two calls ago (waits for that program)."""
-        kind = int(_host(self._pending.popleft())[0])
+        """The kind of this call: known ahead, or made two calls ago (waits for that
+        program, and keeps the kinds it found certain after this one)."""
+        if self._planned:
+            self._pending.popleft()  # not read: the plan has it
+            return self._planned.popleft()
+        entry = _host(self._pending.popleft())
+        kind = int(entry[0])
+        for k in entry[self._width :]:
+            if k < 0:
+                break
+            self._planned.append(int(k))
         if self._check is not None:  # the fused phase before has run: was it as told?
             result, taken, after = self._check
             self._check = None
@@ -300,6 +323,17 @@ class DispatchedStep:
         self._pending.append(result)
         self.phases_fused += 1
         return self._out(params, state, first, self._missing_aux)
+
+
+# How many kinds beyond the next one each program works out (``kinds_ahead``): inside a
+# Full phase the host reads the kind of one step in PLAN - 1 (more makes XLA split the
+# scalar work into several kernels, and compile for longer).
+PLAN = 8
+
+
+def _with_plan(cfg: Any, state: HybridState, look: jax.Array) -> jax.Array:
+    """``look``, then the kinds certain after the step after next (-1 where not)."""
+    return jax.numpy.concatenate([look, kinds_ahead(cfg, state, PLAN)[2:]])
 
 
 def _tree(state: Any) -> HybridState:

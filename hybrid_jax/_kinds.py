@@ -45,39 +45,78 @@ def kinds_used(cfg: HybridConfig) -> tuple[int, ...]:
 
 def kind_of(cfg: HybridConfig, state: HybridState) -> jax.Array:
     """The kind of step ``state`` wants next (int32, an index into ``KIND_NAMES``)."""
-    ph, enc = state.phase, state.encoder
-    observed = _phases.observation_due(cfg, ph, enc.unobserved, _encoder.pair_open(enc, state.step))
-    real = jnp.where(state.pending.verify, VERIFY, jnp.where(observed, REAL, PLAIN))
+    ph = state.phase
+    real = _real_kind(cfg, ph, state.encoder, state.step, state.pending.verify)
     predicted = jnp.where(ph.step == 0, PREDICT_FIRST, PREDICT)
     return jnp.where(ph.id == _phases.PREDICT, predicted, real).astype(jnp.int32)
 
 
-def kind_after_next(cfg: HybridConfig, state: HybridState) -> jax.Array:
-    """The kind of the step after the next one, from ``state`` alone (exact)."""
+def _real_kind(
+    cfg: HybridConfig, ph: _phases.Phase, enc: Any, step: jax.Array, verify
+) -> jax.Array:
+    """The kind of a real step taken at ``step`` in ``ph``: verify, observed or plain."""
+    observed = _phases.observation_due(cfg, ph, enc.unobserved, _encoder.pair_open(enc, step))
+    return jnp.where(verify, VERIFY, jnp.where(observed, REAL, PLAIN))
+
+
+def _schedule(cfg: HybridConfig, state: HybridState, pending, may_predict) -> HybridState:
+    """``state`` with the small parts that decide kinds of step moved past its next step
+    (the phase machine's one rule), ``pending`` standing for what that step left."""
     kind = kind_of(cfg, state)
     real = (kind == REAL) | (kind == VERIFY) | (kind == PLAIN)
     observed = (kind == REAL) | (kind == VERIFY)
-    may = _phases.gate(cfg, state.stats.confidence, state.pending) & observed
     sched = _phases.schedule_after(
         cfg,
         state.phase,
-        state.pending,
+        pending,
         state.snapshot_valid,
         real=real,
         verifying=kind == VERIFY,
         first=kind == PREDICT_FIRST,
-        may_predict=may,
+        may_predict=may_predict & observed,
         next_horizon=1,
     )
     moved = _encoder.after_real_step(state.encoder, state.step, observed)
     encoder = jax.tree.map(lambda a, b: jnp.where(real, a, b), moved, state.encoder)
-    nxt = state._replace(
+    return state._replace(
         phase=sched.phase,
-        pending=state.pending._replace(verify=sched.verify),
+        pending=_phases.init_pending()._replace(verify=sched.verify),
+        snapshot_valid=sched.snapshot_valid,
         encoder=encoder,
         step=state.step + 1,
     )
-    return kind_of(cfg, nxt)
+
+
+def _after_next(cfg: HybridConfig, state: HybridState) -> HybridState:
+    may = _phases.gate(cfg, state.stats.confidence, state.pending)
+    return _schedule(cfg, state, state.pending, may)
+
+
+def kind_after_next(cfg: HybridConfig, state: HybridState) -> jax.Array:
+    """The kind of the step after the next one, from ``state`` alone (exact)."""
+    return kind_of(cfg, _after_next(cfg, state))
+
+
+def kinds_ahead(cfg: HybridConfig, state: HybridState, n: int) -> jax.Array:
+    """int32[n]: the kinds of the ``n`` steps from ``state``'s next one on, each as far
+    as it is certain whatever the steps before it measure, and -1 from the first that
+    is not. The first two are always certain (``kind_of``, ``kind_after_next``); the
+    kinds of a Full phase's steps are certain up to its last one: inside a Full or
+    Warmup phase nothing a step measures changes the course (``_phases.deferred``), so
+    each step moves the phase one step on and the encoder's counters as it is observed."""
+    s = _after_next(cfg, state)
+    kind = kind_of(cfg, s)
+    kinds = [kind_of(cfg, state), kind]
+    real = (kind == REAL) | (kind == VERIFY) | (kind == PLAIN)
+    ph, enc, step, verify = s.phase, s.encoder, s.step, s.pending.verify
+    certain = jnp.asarray(True)
+    for _ in range(2, n):
+        certain = certain & real & _phases.deferred(ph)  # the step before is steady
+        enc = _encoder.after_real_step(enc, step, (kind == REAL) | (kind == VERIFY))
+        ph, step, verify = ph._replace(step=ph.step + 1), step + 1, verify & (kind != VERIFY)
+        kind, real = _real_kind(cfg, ph, enc, step, verify), True
+        kinds.append(jnp.where(certain, kind, -1))
+    return jnp.stack(kinds).astype(jnp.int32)
 
 
 def switch(cfg: HybridConfig, state: HybridState, branches: dict[int, Callable], *operands):

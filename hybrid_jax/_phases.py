@@ -9,6 +9,13 @@ schedule (a non-finite loss, a rollback, a monitor warning) is recorded in
 soon as step ``t`` has finished: ``make_dispatched_step`` picks its programs a step
 ahead without ever guessing wrong, and it takes exactly the steps ``make_hybrid_step``
 takes.
+
+**Inside a Full phase nothing measured changes the course.** A forced Full phase (a
+monitor warning, a rollback) asked for inside a Full or Warmup phase waits for that
+phase's end (``deferred``): the phase runs its budget, and the backed-off Full phase
+follows it. So the kinds of every step up to a Full phase's end are known when it
+starts (``hybrid_jax._kinds.kinds_ahead``), and the host need not read the kind of
+every step.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ class Pending(NamedTuple):
 
     verify: jax.Array  # the next real step verifies the Predict phase that ended
     veto: jax.Array  # the next step does not predict (a predicted one applies nothing)
-    force_full: jax.Array  # a monitor warning: a Full phase follows the next step
+    force_full: jax.Array  # a monitor warning or a rollback: a Full phase follows (``deferred``)
 
 
 def _i32(x: int | jax.Array) -> jax.Array:
@@ -138,12 +145,21 @@ def backed_off(cfg: HybridConfig, ph: Phase) -> Phase:
     return make(FULL, cfg.full_steps * factor, 0, ph.rejected)
 
 
+def deferred(ph: Phase) -> jax.Array:
+    """Whether a forced Full phase asked for at a step in ``ph`` waits: inside a Full or
+    Warmup phase, before its last step, it starts when that phase ends (the request
+    stays in ``Pending.force_full`` until then)."""
+    steady = (ph.id == FULL) | (ph.id == WARMUP)
+    return steady & (ph.step + 1 < ph.budget)
+
+
 def after_real(
     cfg: HybridConfig, ph: Phase, pending: Pending, can_predict: jax.Array, next_horizon
 ) -> Phase:
-    """The phase after a real step that started in ``ph`` with ``pending``."""
+    """The phase after a real step that started in ``ph`` with ``pending``: a forced
+    Full phase starts now, unless it is ``deferred``."""
     regular = advance(ph, cfg, can_predict, next_horizon)
-    return _choose(pending.force_full, backed_off(cfg, ph), regular)
+    return _choose(pending.force_full & ~deferred(ph), backed_off(cfg, ph), regular)
 
 
 def after_predicted(cfg: HybridConfig, ph: Phase, pending: Pending) -> Phase:

@@ -188,11 +188,14 @@ def after_real(
     return state._replace(
         inner=inner_state,
         phase=sched.phase._replace(rejected=rejected),
-        # a rollback backs off: a Full phase follows the next step
+        # a rollback backs off: a Full phase follows the next step (or, asked for inside
+        # a Full phase, its end: the request is kept until then)
         pending=_phases.Pending(
             verify=sched.verify,
             veto=unhealthy | c.rollback,
-            force_full=c.verdict.force_real | c.rollback,
+            force_full=c.verdict.force_real
+            | c.rollback
+            | (state.pending.force_full & _phases.deferred(state.phase)),
         ),
         step=state.step + 1,
         basis=ln.basis,

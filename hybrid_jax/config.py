@@ -58,8 +58,9 @@ class HybridConfig(_Settings):
     horizon (see ``horizon_policy``). What a step measures acts on the step after it
     (the phase machine's one rule, ``hybrid_jax._phases``): after a non-finite real
     step, a rollback or a non-finite prediction the next step predicts nothing (a
-    predicted one applies nothing and ends its phase), and after a monitor warning a
-    Full phase follows the next step.
+    predicted one applies nothing and ends its phase), and after a monitor warning or
+    a rollback a Full phase follows the next step (inside a Full or Warmup phase: that
+    phase's end, so that the kinds of a Full phase's steps are known when it starts).
 
     Attributes:
       warmup_steps: real steps before anything is learned from (>= 0).

@@ -65,6 +65,27 @@ def test_a_forced_full_phase_doubles_with_each_rejected_predict_phase():
         assert _ids(s.phase) == (hj.FULL, 0, budget, 0) and int(s.phase.rejected) == rejected
 
 
+def test_a_forced_full_phase_asked_for_inside_a_full_phase_waits_for_its_end():
+    """Inside a Full or Warmup phase a forced Full phase changes nothing until the
+    phase's last step (so the kinds of its steps are known when it starts); after a
+    Correct phase's step it starts at once."""
+    cfg = fast_config(full_steps=3)
+    kw = dict(real=True, verifying=False, first=False, next_horizon=4, may_predict=F)
+    for phase_id in (hj.FULL, hj.WARMUP):
+        mid = _phase(phase_id, 2, 10)
+        assert bool(_phases.deferred(mid))
+        s = _phases.schedule_after(cfg, mid, _pending(force_full=True), F, **kw)
+        assert _ids(s.phase) == (phase_id, 3, 10, 0)
+    last = _phase(hj.FULL, 9, 10)._replace(rejected=jnp.int32(1))
+    assert not bool(_phases.deferred(last))
+    s = _phases.schedule_after(cfg, last, _pending(force_full=True), F, **kw)
+    assert _ids(s.phase) == (hj.FULL, 0, 6, 0)  # backed off: 3 x 2**1
+    correct = _phase(hj.CORRECT, 0, 5)
+    assert not bool(_phases.deferred(correct))
+    s = _phases.schedule_after(cfg, correct, _pending(force_full=True), F, **kw)
+    assert _ids(s.phase) == (hj.FULL, 0, 3, 0)
+
+
 def test_the_gate_reads_the_confidence_and_the_step_before():
     cfg = fast_config(confidence_threshold=0.5)
     assert bool(_phases.gate(cfg, jnp.float32(0.6), _pending()))
