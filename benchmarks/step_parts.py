@@ -18,7 +18,12 @@ channels 64 and 128):
   programs alone, called in a loop (no choice on the host);
 - ``plain program, outlook read``: the unobserved program alone, each call's outlook
   (the kind of step two calls later) copied to the host and read two calls later, as
-  the dispatched step does.
+  the dispatched step did before the kinds were planned;
+- ``programs in turn, 2 observed in 8``: the observed and unobserved programs called
+  in the defaults' pattern, with no choice on the host;
+- ``hybrid, every step observed`` (``observe_every=1``: one program) and ``hybrid,
+  few steps observed`` (``observe_every=1000``, ``full_steps=1000``: the unobserved
+  program nearly always).
 
 Per arm: milliseconds per step (median of ``--repeats`` loops of ``--steps`` calls,
 blocking once per loop); for ``hybrid`` also the host's time per call up to the
@@ -84,16 +89,17 @@ def adamw_loop(init, loss_fn, batches, steps):
     return run
 
 
-def hybrid_step(loss_fn):
-    cfg = hj.HybridConfig(warmup_steps=0, confidence_threshold=1.0)
+def hybrid_step(loss_fn, **changes):
+    cfg = hj.HybridConfig(warmup_steps=0, confidence_threshold=1.0, **changes)
     tx = hj.predictive(optax.adamw(1e-3), cfg)
     return tx, hj.make_dispatched_step(loss_fn, tx, pack_state=True, metrics_fn=lambda s: s.step)
 
 
-def hybrid_loop(init, loss_fn, batches, steps, plan=None):
+def hybrid_loop(init, loss_fn, batches, steps, plan=None, **changes):
     """``plan``: compile the programs with ``hybrid_jax._dispatch.PLAN = plan`` (2: no
-    kinds known beyond the next, so the host reads the kind of every step)."""
-    tx, step = hybrid_step(loss_fn)
+    kinds known beyond the next, so the host reads the kind of every step);
+    ``changes``: to the config."""
+    tx, step = hybrid_step(loss_fn, **changes)
     params = init(jax.random.key(0))
     state = tx.init(params)
     saved = hj._dispatch.PLAN
@@ -115,16 +121,19 @@ def hybrid_loop(init, loss_fn, batches, steps, plan=None):
     return run
 
 
-def program_loop(init, loss_fn, batches, steps, kind, read_ahead=False):
+def program_loop(init, loss_fn, batches, steps, kind, read_ahead=False, pattern=None):
+    """One program in a loop; or, with ``pattern`` (a tuple of kinds), the programs of
+    those kinds in turn, as the defaults take them in a Full phase."""
     tx, step = hybrid_step(loss_fn)
     params = init(jax.random.key(0))
     state = hj._packing.packed(tx.init(params))
-    program = step._program(kind, params, batches[0])
+    programs = [step._program(k, params, batches[0]) for k in pattern or (kind,)]
     box = [(params, state)]
 
     def run():
         p, s, waiting = *box[0], []
         for i in range(steps):
+            program = programs[i % len(programs)]
             p, s, _, _, ahead = program(p, s, batches[i % len(batches)])
             if read_ahead:  # as the dispatched step reads the kind two calls ahead
                 ahead.copy_to_host_async()
@@ -164,6 +173,15 @@ def main() -> None:
         "real program": program_loop(init, loss_fn, batches, args.steps, REAL),
         "plain program, outlook read": program_loop(
             init, loss_fn, batches, args.steps, PLAIN, read_ahead=True
+        ),
+        "programs in turn, 2 observed in 8": program_loop(
+            init, loss_fn, batches, args.steps, None, pattern=(REAL, REAL) + (PLAIN,) * 6
+        ),
+        "hybrid, every step observed": hybrid_loop(
+            init, loss_fn, batches, args.steps, observe_every=1
+        ),
+        "hybrid, few steps observed": hybrid_loop(
+            init, loss_fn, batches, args.steps, observe_every=1000, full_steps=1000
         ),
     }
     env, rows = environment(), []
