@@ -215,10 +215,14 @@ class DispatchedStep:
         try:
             return self._step(params, state, batch, *extra)
         except (RuntimeError, ValueError) as e:  # a donated input passed again?
+            self._last_state = None  # the kinds in hand may be a step out: read anew
             err = donated_error("make_dispatched_step", params, state)
             if err is None:
                 raise
             raise err from e
+        except BaseException:  # a bad batch, Ctrl-C: the next call reads the kinds anew
+            self._last_state = None
+            raise
 
     def _step(self, params: PyTree, state: HybridState, batch: Any, *extra: Any):
         if state is not self._last_state or not self._pending:

@@ -98,7 +98,7 @@ def kind_after_next(cfg: HybridConfig, state: HybridState) -> jax.Array:
 
 
 def kinds_ahead(cfg: HybridConfig, state: HybridState, n: int) -> jax.Array:
-    """int32[n]: the kinds of the ``n`` steps from ``state``'s next one on, each as far
+    """int32[max(n, 2)]: the kinds of the steps from ``state``'s next one on, each as far
     as it is certain whatever the steps before it measure, and -1 from the first that
     is not. The first two are always certain (``kind_of``, ``kind_after_next``); the
     kinds of a Full phase's steps are certain up to its last one: inside a Full or

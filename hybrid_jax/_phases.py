@@ -146,11 +146,12 @@ def backed_off(cfg: HybridConfig, ph: Phase) -> Phase:
 
 
 def deferred(ph: Phase) -> jax.Array:
-    """Whether a forced Full phase asked for at a step in ``ph`` waits: inside a Full or
-    Warmup phase, before its last step, it starts when that phase ends (the request
-    stays in ``Pending.force_full`` until then)."""
+    """Whether a forced Full phase, asked for by the step before a step in ``ph``, waits:
+    asked for inside a Full or Warmup phase (so not at its first step: the request was
+    made before it began), before its last step, it starts when that phase ends (the
+    request stays in ``Pending.force_full`` until then)."""
     steady = (ph.id == FULL) | (ph.id == WARMUP)
-    return steady & (ph.step + 1 < ph.budget)
+    return steady & (ph.step > 0) & (ph.step + 1 < ph.budget)
 
 
 def after_real(

@@ -76,6 +76,11 @@ def test_a_forced_full_phase_asked_for_inside_a_full_phase_waits_for_its_end():
         assert bool(_phases.deferred(mid))
         s = _phases.schedule_after(cfg, mid, _pending(force_full=True), F, **kw)
         assert _ids(s.phase) == (phase_id, 3, 10, 0)
+    # asked for by the phase before (the request acts on a Full phase's first step): at once
+    first = _phase(hj.FULL, 0, 10)
+    assert not bool(_phases.deferred(first))
+    s = _phases.schedule_after(cfg, first, _pending(force_full=True), F, **kw)
+    assert _ids(s.phase) == (hj.FULL, 0, 3, 0)
     last = _phase(hj.FULL, 9, 10)._replace(rejected=jnp.int32(1))
     assert not bool(_phases.deferred(last))
     s = _phases.schedule_after(cfg, last, _pending(force_full=True), F, **kw)
@@ -84,6 +89,29 @@ def test_a_forced_full_phase_asked_for_inside_a_full_phase_waits_for_its_end():
     assert not bool(_phases.deferred(correct))
     s = _phases.schedule_after(cfg, correct, _pending(force_full=True), F, **kw)
     assert _ids(s.phase) == (hj.FULL, 0, 3, 0)
+
+
+def test_a_held_back_forced_full_phase_is_kept_until_its_full_phase_ends():
+    """A real step keeps a held-back request in ``pending.force_full``; at the Full phase's
+    end the backed-off Full phase follows, though the gate would start a Predict phase."""
+    cfg = fast_config(full_steps=6, warmup_steps=0, **SAFETY_OFF)
+    tx = hj.predictive(optax.sgd(0.1), cfg)
+    step = hj.make_hybrid_step(quadratic_loss, tx)
+    params, batches = quadratic_params(), iter(quadratic_batches(20))
+    state = tx.init(params)
+    params, state, _ = step(params, state, next(batches))  # the Full phase's first step
+    state = state._replace(pending=state.pending._replace(force_full=jnp.asarray(True)))
+    for k in range(1, 5):  # held back, kept
+        params, state, _ = step(params, state, next(batches))
+        assert int(state.phase.id) == hj.FULL and int(state.phase.step) == k + 1
+        assert bool(state.pending.force_full)
+    params, state, _ = step(params, state, next(batches))  # the phase's last step
+    assert _ids(state.phase) == (hj.FULL, 0, 6, 0) and not bool(state.pending.force_full)
+    params, state, _ = step(params, state, next(batches))  # no request: the gate decides
+    assert int(state.phase.id) == hj.FULL and int(state.phase.step) == 1
+    for _ in range(5):
+        params, state, _ = step(params, state, next(batches))
+    assert int(state.phase.id) == hj.PREDICT  # confidence_threshold 0: a Predict phase
 
 
 def test_the_gate_reads_the_confidence_and_the_step_before():
