@@ -17,7 +17,8 @@ plain          a real step the hybrid does not observe (``observe_every > 2``):
 (``make_dispatched_step``: one compiled program per kind) and the sharded step all
 compose these same kinds, so they take the same steps. By the phase machine's one
 rule (``hybrid_jax._phases``), ``kind_after_next(cfg, state)`` is exact: the kind of
-the step after the next is known from the state before the next.
+the step after the next is known from the state before the next; and inside a Full
+phase those of the steps up to its end (``kinds_ahead``).
 """
 
 from __future__ import annotations
