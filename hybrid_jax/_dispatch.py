@@ -16,8 +16,8 @@ A read waits for a program and costs the host tens of microseconds, which on a s
 model is a large part of a step. Inside a Full phase nothing a step measures changes
 the kinds of the steps after it (``_phases.deferred``), so each program also returns
 the kinds it can be certain of beyond that one (``kinds_ahead``, up to ``PLAN - 2``
-more), and the host reads nothing while it has kinds in hand: one read per
-``PLAN - 1`` steps of a Full phase.
+more; the observed and unobserved real steps' programs only), and the host reads
+nothing while it has kinds in hand: one read per ``PLAN - 1`` steps of a Full phase.
 
 With ``fuse_predict=True`` a Predict phase needs no data and runs as one program
 (``hybrid_jax._predicted.predicted_phase``): its first call applies the whole phase
@@ -156,10 +156,10 @@ class DispatchedStep:
         self._planned: collections.deque = collections.deque()  # kinds known ahead
         self._width = 3 if self._fuse else 1  # the entry's part before its plan
         self._look = (
-            (lambda s: _with_plan(cfg, s, outlook(tx, s)))
-            if self._fuse
-            else (lambda s: _with_plan(cfg, s, kind_after_next(cfg, s)[None]))
+            (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s)[None])
         )
+        # only the programs a Full phase runs plan its kinds (the plan costs compile time)
+        self._look_planned = lambda s: _with_plan(cfg, s, self._look(s))
         self._read_jit = jax.jit(lambda s: (kind_of(cfg, _tree(s)), self._look(_tree(s))))
         self._read = self._read_jit
 
@@ -181,7 +181,8 @@ class DispatchedStep:
         if kind not in self._programs:
             aux_shape = jax.eval_shape(self._with_aux, params, batch)[1]
             body = step_kinds(self._with_aux, self.tx, aux_shape)[kind]
-            prepare, metrics_fn, look = self._prepare, self._metrics_fn, self._look
+            prepare, metrics_fn = self._prepare, self._metrics_fn
+            look = self._look_planned if kind in (REAL, PLAIN) else self._look
 
             def program(params, state, batch, *extra):
                 layout = state.layout if isinstance(state, PackedState) else None

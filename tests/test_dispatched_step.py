@@ -120,18 +120,18 @@ def _kinds_of_a_run(tx, batches, poison=()):
     return out, state
 
 
+# Runs with rollbacks and non-finite batches: unobserved steps; a monitor that warns often.
+OBSERVE_4 = dict(observe_every=4, confidence_threshold=0.0)
+TIGHT_MONITOR = dict(
+    monitor_every=2,
+    confidence_threshold=0.0,
+    monitor=hj.MonitorSettings(loss_z_caution=0.5, loss_z_warning=1.0, loss_z_critical=2.0),
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "changes",
-    [
-        dict(confidence_threshold=0.0, correct_steps=1),
-        dict(observe_every=4, confidence_threshold=0.0),
-        dict(
-            monitor_every=2,
-            confidence_threshold=0.0,
-            monitor=hj.MonitorSettings(loss_z_caution=0.5, loss_z_warning=1.0, loss_z_critical=2.0),
-        ),
-    ],
+    "changes", [dict(confidence_threshold=0.0, correct_steps=1), OBSERVE_4, TIGHT_MONITOR]
 )
 def test_the_kind_after_next_is_exact_even_around_vetoes(digits_batches, changes):
     """The kind of step t + 1 is known from the state before step t, also around
@@ -166,17 +166,7 @@ def _plans_of_a_run(tx, batches, poison, n):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "changes",
-    [
-        dict(observe_every=4, confidence_threshold=0.0),
-        dict(
-            monitor_every=2,
-            confidence_threshold=0.0,
-            monitor=hj.MonitorSettings(loss_z_caution=0.5, loss_z_warning=1.0, loss_z_critical=2.0),
-        ),
-    ],
-)
+@pytest.mark.parametrize("changes", [OBSERVE_4, TIGHT_MONITOR])
 def test_the_kinds_a_plan_calls_certain_are_the_kinds_taken(digits_batches, changes):
     """``kinds_ahead``'s certain kinds are those the run then takes, around non-finite
     batches, rollbacks and monitor warnings; inside a Full phase they reach its end."""
@@ -197,6 +187,7 @@ def test_the_kinds_a_plan_calls_certain_are_the_kinds_taken(digits_batches, chan
         assert held > 0  # a warning inside a Full phase waited for its end
 
 
+@pytest.mark.slow
 def test_inside_full_phases_the_host_reads_one_kind_in_many(monkeypatch):
     """Inside a Full phase the host reads the kinds of its steps at once (``kinds_ahead``),
     not one per step, and still takes the steps ``make_hybrid_step`` takes."""
@@ -229,6 +220,7 @@ def test_inside_full_phases_the_host_reads_one_kind_in_many(monkeypatch):
     assert len(reads) <= most + 2
 
 
+@pytest.mark.slow
 def test_a_call_that_raises_leaves_the_kinds_in_step():
     """A call that fails (a batch of the wrong shape) makes the next call read the kinds
     anew: the run then takes the steps ``make_hybrid_step`` takes."""
