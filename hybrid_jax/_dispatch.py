@@ -14,7 +14,7 @@ reaches the same parameters up to rounding (tested).
 
 A read waits for a program and costs the host tens of microseconds, which on a small
 model is a large part of a step. Inside a Full phase nothing a step measures changes
-the kinds of the steps after it (``_phases.deferred``), so each program also returns
+the kinds of the steps after it (``_phases.deferred``), so a program also returns
 the kinds it can be certain of beyond that one (``kinds_ahead``, up to ``PLAN - 2``
 more; the observed and unobserved real steps' programs only), and the host reads
 nothing while it has kinds in hand: one read per ``PLAN - 1`` steps of a Full phase.
@@ -330,9 +330,9 @@ class DispatchedStep:
         return self._out(params, state, first, self._missing_aux)
 
 
-# How many kinds beyond the next one each program works out (``kinds_ahead``): inside a
-# Full phase the host reads the kind of one step in PLAN - 1 (more makes XLA split the
-# scalar work into several kernels, and compile for longer).
+# How many kinds, from the step after a real step's program on, that program works out
+# (``kinds_ahead``): inside a Full phase the host reads the kind of one step in PLAN - 1
+# (more makes XLA split the scalar work into several kernels, and compile for longer).
 PLAN = 8
 
 

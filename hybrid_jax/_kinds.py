@@ -60,37 +60,32 @@ def _real_kind(
     return jnp.where(verify, VERIFY, jnp.where(observed, REAL, PLAIN))
 
 
-def _schedule(cfg: HybridConfig, state: HybridState, pending, may_predict) -> HybridState:
+def _after_next(cfg: HybridConfig, state: HybridState) -> HybridState:
     """``state`` with the small parts that decide kinds of step moved past its next step
-    (the phase machine's one rule), ``pending`` standing for what that step left."""
+    (the phase machine's one rule)."""
     kind = kind_of(cfg, state)
     real = (kind == REAL) | (kind == VERIFY) | (kind == PLAIN)
     observed = (kind == REAL) | (kind == VERIFY)
+    may = _phases.gate(cfg, state.stats.confidence, state.pending) & observed
     sched = _phases.schedule_after(
         cfg,
         state.phase,
-        pending,
+        state.pending,
         state.snapshot_valid,
         real=real,
         verifying=kind == VERIFY,
         first=kind == PREDICT_FIRST,
-        may_predict=may_predict & observed,
+        may_predict=may,
         next_horizon=1,
     )
     moved = _encoder.after_real_step(state.encoder, state.step, observed)
     encoder = jax.tree.map(lambda a, b: jnp.where(real, a, b), moved, state.encoder)
     return state._replace(
         phase=sched.phase,
-        pending=_phases.init_pending()._replace(verify=sched.verify),
-        snapshot_valid=sched.snapshot_valid,
+        pending=state.pending._replace(verify=sched.verify),
         encoder=encoder,
         step=state.step + 1,
     )
-
-
-def _after_next(cfg: HybridConfig, state: HybridState) -> HybridState:
-    may = _phases.gate(cfg, state.stats.confidence, state.pending)
-    return _schedule(cfg, state, state.pending, may)
 
 
 def kind_after_next(cfg: HybridConfig, state: HybridState) -> jax.Array:
