@@ -123,3 +123,60 @@ def show_timeline(label: str, t: dict[str, Any] | None) -> None:
     if t is not None:
         t = {k: v for k, v in t.items() if k != "ms_by_name"}
     print(f"  {label}: {t}", flush=True)
+
+
+def python_profile(run: Callable[[], Any], calls: int, top: int = 8) -> list[dict[str, Any]]:
+    """The ``top`` functions by own time in one ``run()`` (cProfile), in microseconds per
+    call of the step (``calls`` calls a run). The compiled program's call
+    (``stages.py:__call__``, or the jitted function's) holds the launch's C++ work; a
+    ``numpy.asarray`` there is a read of a device array, waiting for it."""
+    import cProfile
+    import pstats
+
+    jax.block_until_ready(run())
+    prof = cProfile.Profile()
+    prof.enable()
+    jax.block_until_ready(run())
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = [
+        (tt, f"{fn[0].rsplit('/', 1)[-1]}:{fn[1]}({fn[2]})", nc)
+        for fn, (_, nc, tt, _, _) in stats.items()
+    ]
+    rows.sort(reverse=True)
+    return [
+        {"fn": name[:70], "us_per_step": round(tt / calls * 1e6, 2), "n": n}
+        for tt, name, n in rows[:top]
+    ]
+
+
+def host_events(run: Callable[[], Any], logdir: str, calls: int, top: int = 14) -> list[Any]:
+    """The host-side trace events of one ``run()`` (jax.profiler, the host's planes):
+    the ``top`` names by total time, in microseconds per call of the step (events nest,
+    so totals overlap). Empty when the trace has no host plane."""
+    import glob
+    import shutil
+
+    from jax.profiler import ProfileData
+
+    shutil.rmtree(logdir, ignore_errors=True)
+    jax.block_until_ready(run())
+    with jax.profiler.trace(logdir):
+        jax.block_until_ready(run())
+    files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        return []
+    total: dict[str, list[float]] = {}
+    for plane in ProfileData.from_file(files[0]).planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        for line in plane.lines:
+            for e in line.events:
+                if "profiler.py" in e.name or "contextlib.py" in e.name:
+                    continue  # the trace's own frames
+                name = e.name.split("#", 1)[0][:70]
+                t = total.setdefault(name, [0.0, 0])
+                t[0] += (e.end_ns - e.start_ns) / 1e3
+                t[1] += 1
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"event": k, "us_per_step": round(v[0] / calls, 2), "n": v[1]} for k, v in ranked]

@@ -21,6 +21,11 @@ channels 64 and 128):
   the dispatched step did before the kinds were planned;
 - ``programs in turn, 2 observed in 8``: the observed and unobserved programs called
   in the defaults' pattern, with no choice on the host;
+- ``plain program, two copies in turn``: two separately compiled copies of the
+  unobserved program called in turn (the cost of switching executables alone);
+- ``hybrid, quiet (a long warmup)``: ``warmup_steps`` of a million, so every step is a
+  quiet one (``hybrid_jax._phases.quiet``), as in most of a backed-off Full phase: the
+  unobserved program, the host reading the kinds once;
 - ``hybrid, every step observed`` (``observe_every=1``: one program) and ``hybrid,
   few steps observed`` (``observe_every=1000``, ``full_steps=1000``: the unobserved
   program nearly always).
@@ -29,8 +34,9 @@ Per arm: milliseconds per step (median of ``--repeats`` loops of ``--steps`` cal
 blocking once per loop); for ``hybrid`` also the host's time per call up to the
 last launch, the last results not waited for, and the kinds of step taken; on a GPU,
 the device's busy time per step and its number of kernels per step (one profiled
-loop). JSON lines on stdout and, with ``--out``, in a
-file.
+loop). With ``--breakdown``, per arm, where the host's time goes: the Python
+functions with the most own time (cProfile) and the host's trace events
+(jax.profiler), per call. JSON lines on stdout and, with ``--out``, in a file.
 """
 
 from __future__ import annotations
@@ -47,7 +53,14 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import device_timeline, environment, median_time, write_jsonl
+from _timing import (
+    device_timeline,
+    environment,
+    host_events,
+    median_time,
+    python_profile,
+    write_jsonl,
+)
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
@@ -90,7 +103,7 @@ def adamw_loop(init, loss_fn, batches, steps):
 
 
 def hybrid_step(loss_fn, **changes):
-    cfg = hj.HybridConfig(warmup_steps=0, confidence_threshold=1.0, **changes)
+    cfg = hj.HybridConfig(**{"warmup_steps": 0, "confidence_threshold": 1.0, **changes})
     tx = hj.predictive(optax.adamw(1e-3), cfg)
     return tx, hj.make_dispatched_step(loss_fn, tx, pack_state=True, metrics_fn=lambda s: s.step)
 
@@ -121,13 +134,17 @@ def hybrid_loop(init, loss_fn, batches, steps, plan=None, **changes):
     return run
 
 
-def program_loop(init, loss_fn, batches, steps, kind, read_ahead=False, pattern=None):
+def program_loop(init, loss_fn, batches, steps, kind, read_ahead=False, pattern=None, copies=1):
     """One program in a loop; or, with ``pattern`` (a tuple of kinds), the programs of
-    those kinds in turn, as the defaults take them in a Full phase."""
+    those kinds in turn, as the defaults take them in a Full phase; or, with ``copies``,
+    that many separately compiled copies of the one program in turn (what switching
+    between executables costs, and nothing else)."""
     tx, step = hybrid_step(loss_fn)
     params = init(jax.random.key(0))
     state = hj._packing.packed(tx.init(params))
     programs = [step._program(k, params, batches[0]) for k in pattern or (kind,)]
+    for _ in range(copies - 1):
+        programs.append(hybrid_step(loss_fn)[1]._program(kind, params, batches[0]))
     box = [(params, state)]
 
     def run():
@@ -163,6 +180,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", default="/tmp/step_parts_profile")
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also where the host's time goes per call: the top Python functions "
+        "(cProfile) and the top host trace events (jax.profiler)",
+    )
     args = ap.parse_args()
     init, loss_fn, batches = build(args.model)
     arms = {
@@ -176,6 +199,12 @@ def main() -> None:
         ),
         "programs in turn, 2 observed in 8": program_loop(
             init, loss_fn, batches, args.steps, None, pattern=(REAL, REAL) + (PLAIN,) * 6
+        ),
+        "plain program, two copies in turn": program_loop(
+            init, loss_fn, batches, args.steps, PLAIN, copies=2
+        ),
+        "hybrid, quiet (a long warmup)": hybrid_loop(
+            init, loss_fn, batches, args.steps, warmup_steps=10**6
         ),
         "hybrid, every step observed": hybrid_loop(
             init, loss_fn, batches, args.steps, observe_every=1
@@ -202,6 +231,11 @@ def main() -> None:
             row["device_busy_ms_per_step"] = tl["busy_ms"] / args.steps
             row["device_events_per_step"] = tl["device_events"] / args.steps
             row["gap_ms_over_10us_per_step"] = tl["gap_ms_over_10us"] / args.steps
+        if args.breakdown:
+            row["python_profile"] = python_profile(run, args.steps)
+            row["host_events"] = host_events(
+                run, f"{args.profile}/host_{name.replace(' ', '_')}", args.steps
+            )
         row.update(env)
         rows.append(row)
         print(json.dumps(row), flush=True)

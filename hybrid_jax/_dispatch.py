@@ -17,7 +17,8 @@ model is a large part of a step. Inside a Full phase nothing a step measures cha
 the kinds of the steps after it (``_phases.deferred``), so a program also returns
 the kinds it can be certain of beyond that one (``kinds_ahead``, up to ``PLAN - 2``
 more; the observed and unobserved real steps' programs only), and the host reads
-nothing while it has kinds in hand: one read per ``PLAN - 1`` steps of a Full phase.
+nothing while it has kinds in hand: one read per ``PLAN - 1`` steps of a Full phase,
+and one per quiet stretch of a long one (``quiet_run``: its unobserved steps, counted).
 
 With ``fuse_predict=True`` a Predict phase needs no data and runs as one program
 (``hybrid_jax._predicted.predicted_phase``): its first call applies the whole phase
@@ -56,6 +57,7 @@ from ._kinds import (
     kinds_used,
     loss_with_aux,
     missing,
+    quiet_run,
     step_kinds,
 )
 from ._metrics import metrics
@@ -278,10 +280,13 @@ class DispatchedStep:
             return self._planned.popleft()
         entry = _host(self._pending.popleft())
         kind = int(entry[0])
-        for k in entry[self._width :]:
-            if k < 0:
-                break
-            self._planned.append(int(k))
+        if len(entry) > self._width:  # a plan: a quiet stretch, or the kinds certain
+            quiet, certain = int(entry[self._width]), entry[self._width + 1 :]
+            certain = certain[: int(np.argmin(certain >= 0))] if (certain < 0).any() else certain
+            if quiet > len(certain):
+                self._planned.extend([PLAIN] * quiet)
+            else:
+                self._planned.extend(int(k) for k in certain)
         if self._check is not None:  # the fused phase before has run: was it as told?
             result, taken, after = self._check
             self._check = None
@@ -337,8 +342,10 @@ PLAN = 8
 
 
 def _with_plan(cfg: Any, state: HybridState, look: jax.Array) -> jax.Array:
-    """``look``, then the kinds certain after the step after next (-1 where not)."""
-    return jax.numpy.concatenate([look, kinds_ahead(cfg, state, PLAN)[2:]])
+    """``look``, then how many unobserved steps are certain after the step after next
+    (``quiet_run``), then the kinds certain after it (-1 where not)."""
+    quiet = quiet_run(cfg, state)[None]
+    return jax.numpy.concatenate([look, quiet, kinds_ahead(cfg, state, PLAN)[2:]])
 
 
 def _tree(state: Any) -> HybridState:

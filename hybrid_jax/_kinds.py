@@ -18,7 +18,8 @@ plain          a real step the hybrid does not observe (``observe_every > 2``):
 compose these same kinds, so they take the same steps. By the phase machine's one
 rule (``hybrid_jax._phases``), ``kind_after_next(cfg, state)`` is exact: the kind of
 the step after the next is known from the state before the next; and inside a Full
-phase those of the steps up to its end (``kinds_ahead``).
+phase those of the steps up to its end (``kinds_ahead``; ``quiet_run`` counts a long
+stretch of unobserved steps at once).
 """
 
 from __future__ import annotations
@@ -113,6 +114,18 @@ def kinds_ahead(cfg: HybridConfig, state: HybridState, n: int) -> jax.Array:
         kind, real = _real_kind(cfg, ph, enc, step, verify), True
         kinds.append(jnp.where(certain, kind, -1))
     return jnp.stack(kinds).astype(jnp.int32)
+
+
+def quiet_run(cfg: HybridConfig, state: HybridState) -> jax.Array:
+    """int32: how many steps after the step after next are certain to be unobserved real
+    steps, as the rest of a quiet stretch of a Full or Warmup phase (``_phases.quiet``;
+    0 where the step after next does not begin one). Inside a Full phase nothing
+    measured changes the course (``_phases.deferred``), and a quiet step observes
+    nothing, so each one leaves the next quiet until the last ``full_steps`` steps."""
+    s = _after_next(cfg, state)
+    ph = s.phase
+    certain = (kind_of(cfg, s) == PLAIN) & _phases.deferred(ph) & _phases.quiet(cfg, ph)
+    return jnp.where(certain, ph.budget - cfg.full_steps - ph.step - 1, 0).astype(jnp.int32)
 
 
 def switch(cfg: HybridConfig, state: HybridState, branches: dict[int, Callable], *operands):

@@ -186,13 +186,26 @@ def observation_due(
 
     With ``observe_every = k > 2`` observations come in pairs of consecutive real
     steps, so that one-step changes can be learnt: a step is observed when ``k - 2``
-    real steps have gone unobserved, when it completes a pair (``pair_open``), and when
-    a Predict phase may start after it (only observed steps start one).
+    real steps have gone unobserved, unless it is ``quiet``; when it completes a pair
+    (``pair_open``); and when a Predict phase may start after it (only observed steps
+    start one).
     """
     if cfg.observe_every <= 2:
         return jnp.asarray(True)
-    due = unobserved + 2 >= cfg.observe_every
+    due = (unobserved + 2 >= cfg.observe_every) & ~quiet(cfg, ph)
     return due | pair_open | may_end_into_predict(cfg, ph)
+
+
+def quiet(cfg: HybridConfig, ph: Phase) -> jax.Array:
+    """Whether a step of ``ph`` is too far from the phase's end for observing it to
+    matter: all but the last ``full_steps`` steps of a longer Full or Warmup phase (a
+    backed-off one, the warmup). What decides the next Predict phase (the confidence,
+    the basis, the predictor's state) is learnt from the observations just before it,
+    as in a Full phase of ``full_steps``; with ``observe_every > 2`` a quiet step is the
+    optimizer's step with the safety checks, so a predictor that does not pay, once
+    backed off, costs little more than the wrapped optimizer."""
+    steady = (ph.id == FULL) | (ph.id == WARMUP)
+    return steady & (ph.budget - ph.step > cfg.full_steps)
 
 
 def _choose(cond: jax.Array, a, b):

@@ -80,7 +80,11 @@ class HybridConfig(_Settings):
       observe_every: of every this many real steps (>= 1) the hybrid observes two in a
         row (learns from them); the others are the optimizer's step with the safety
         checks. A step that verifies a Predict phase, or that ends a phase after which
-        one may start, is always observed. 1 and 2 observe every real step. The default
+        one may start, is always observed; a Full or Warmup phase longer than
+        ``full_steps`` (a backed-off one, the warmup) observes only in its last
+        ``full_steps`` steps (``hybrid_jax._phases.quiet``), so that a predictor that
+        does not pay, once backed off, costs little more than the wrapped optimizer.
+        1 and 2 observe every real step. The default
         8 keeps a run's cost within 3% of the wrapped optimizer's on the GPU LM (an
         observed real step costs 4.5% more than an AdamW step there;
         ``benchmarks/end_to_end.md``).

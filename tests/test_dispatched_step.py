@@ -147,11 +147,12 @@ def test_the_kind_after_next_is_exact_even_around_vetoes(digits_batches, changes
 
 
 def _plans_of_a_run(tx, batches, poison, n):
-    """Steps ``make_hybrid_step``; returns the kind of each step, ``kinds_ahead`` of the
-    state before it, and how many steps began with a forced Full phase held back."""
+    """Steps ``make_hybrid_step``; returns the kind of each step, ``kinds_ahead`` and
+    ``quiet_run`` of the state before it, and how many steps began with a forced Full
+    phase held back."""
     cfg = tx.config
     step = hj.make_hybrid_step(tasks.mlp_loss, tx)
-    ahead = jax.jit(lambda s: _kinds.kinds_ahead(cfg, s, n))
+    ahead = jax.jit(lambda s: (_kinds.kinds_ahead(cfg, s, n), _kinds.quiet_run(cfg, s)))
     params = tasks.mlp_init(jax.random.key(0))
     state = tx.init(params)
     kinds, plans, held = [], [], 0
@@ -159,7 +160,7 @@ def _plans_of_a_run(tx, batches, poison, n):
         if i in poison:
             x = x.at[0, 0].set(jnp.nan)
         kinds.append(int(_kinds.kind_of(cfg, state)))
-        plans.append(np.asarray(ahead(state)))
+        plans.append(jax.device_get(ahead(state)))
         held += int(state.pending.force_full & _phases.deferred(state.phase))
         params, state, _ = step(params, state, (x, y))
     return kinds, plans, held
@@ -169,13 +170,18 @@ def _plans_of_a_run(tx, batches, poison, n):
 @pytest.mark.parametrize("changes", [OBSERVE_4, TIGHT_MONITOR])
 def test_the_kinds_a_plan_calls_certain_are_the_kinds_taken(digits_batches, changes):
     """``kinds_ahead``'s certain kinds are those the run then takes, around non-finite
-    batches, rollbacks and monitor warnings; inside a Full phase they reach its end."""
+    batches, rollbacks and monitor warnings; inside a Full phase they reach its end; the
+    steps ``quiet_run`` counts are unobserved ones."""
     cfg = hj.HybridConfig(warmup_steps=10, full_steps=12, max_horizon=4, **changes)
     tx = hj.predictive(optax.adamw(3e-3), cfg)
     n = 16
     kinds, plans, held = _plans_of_a_run(tx, digits_batches[:200], {25, 33, 47, 60, 61, 90}, n)
-    certain = 0
-    for i, plan in enumerate(plans):
+    certain = quiet_steps = 0
+    for i, (plan, quiet) in enumerate(plans):
+        quiet = int(quiet)
+        # a quiet stretch: its unobserved steps, after the step after next
+        assert kinds[i + 2 : i + 2 + quiet] == [_kinds.PLAIN] * min(quiet, len(kinds) - i - 2)
+        quiet_steps += quiet > 0
         known = int(np.argmin(plan >= 0)) if (plan < 0).any() else n
         assert (plan[:known] >= 0).all() and (plan[known:] < 0).all()  # a prefix
         assert known >= 2  # the next step's kind and the one after: always
@@ -183,6 +189,8 @@ def test_the_kinds_a_plan_calls_certain_are_the_kinds_taken(digits_batches, chan
             assert plan[j] == kinds[i + j], (i, j, plan, kinds[i : i + n])
         certain += known
     assert certain / len(plans) > 4  # the plans reach well ahead on average
+    if cfg.observe_every > 2:
+        assert quiet_steps > 10  # long (backed-off) Full phases begin quiet
     if cfg.monitor_every:
         assert held > 0  # a warning inside a Full phase waited for its end
 

@@ -16,10 +16,11 @@ def _full(state, budget=10_000):
 
 
 def test_pairs_of_observed_steps_and_plain_steps_in_between():
-    """In a long Full phase, observe_every=5 observes 2 consecutive real steps of every 5;
-    an unobserved step leaves the basis, the encoder statistics and the predictor alone
-    and still applies exactly the inner optimizer's update."""
-    cfg = hj.HybridConfig(warmup_steps=0, observe_every=5, **SAFETY_OFF)
+    """In a long Full phase (no longer than ``full_steps``, so not quiet),
+    observe_every=5 observes 2 consecutive real steps of every 5; an unobserved step
+    leaves the basis, the encoder statistics and the predictor alone and still applies
+    exactly the inner optimizer's update."""
+    cfg = hj.HybridConfig(warmup_steps=0, full_steps=10_000, observe_every=5, **SAFETY_OFF)
     inner = optax.adam(1e-2)
     tx = hj.predictive(inner, cfg)
     params = quadratic_params()
@@ -53,6 +54,31 @@ def _update_at_loss_one(tx):
     """``tx.update`` jitted, given a loss and a snapshot loss of 1 (the tests below with
     the same config share its program)."""
     return jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0, snapshot_value=1.0))
+
+
+def _observed_pattern(tx, state, n):
+    """Which of ``n`` real steps from ``state`` the hybrid observes (1) or not (0)."""
+    params, pattern = quadratic_params(), []
+    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
+    for batch in quadratic_batches(n):
+        loss, grads = jax.value_and_grad(quadratic_loss)(params, batch)
+        updates, new = update(grads, state, params, loss)
+        pattern.append(int(new.counters.observed_steps) - int(state.counters.observed_steps))
+        params, state = optax.apply_updates(params, updates), new
+    return pattern
+
+
+def test_a_long_full_phase_observes_only_its_last_full_steps():
+    """A Full phase longer than ``full_steps`` (a backed-off one) observes nothing
+    before its last ``full_steps`` steps (``_phases.quiet``); then pairs as usual, and
+    its last step. With ``observe_every <= 2`` every step is observed still."""
+    cfg = hj.HybridConfig(warmup_steps=0, full_steps=6, observe_every=5, **SAFETY_OFF)
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    state = _full(tx.init(quadratic_params()), budget=14)
+    assert _observed_pattern(tx, state, 14) == [0] * 8 + [1, 1, 0, 0, 0, 1]
+    every = hj.HybridConfig(warmup_steps=0, full_steps=6, observe_every=2, **SAFETY_OFF)
+    tx = hj.predictive(optax.adam(1e-2), every)
+    assert _observed_pattern(tx, _full(tx.init(quadratic_params()), budget=14), 14) == [1] * 14
 
 
 def test_one_and_two_observe_every_real_step():
