@@ -69,33 +69,6 @@ def test_fused_phases_take_the_same_steps_and_reach_the_same_parameters(changes)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pa, pb)
 
 
-def test_a_fused_phase_applies_the_whole_phase_on_its_first_call():
-    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True)
-    params = tasks.mlp_init(jax.random.key(0))
-    state = tx.init(params)
-    batches = iter(_batches(120))
-    for i, b in enumerate(batches):
-        params, state, m = step(params, state, b)
-        if step.steps_ahead:  # the first call of a phase: the state is past all of it
-            ahead = step.steps_ahead
-            assert int(m["step"]) == i and int(state.step) == i + 1 + ahead
-            assert int(state.phase.id) != hj.PREDICT  # the phase fits in one program
-            break
-    else:
-        pytest.fail("no Predict phase started")
-    # the calls the phase took return its rows; then the real step that verifies it, as
-    # the phase's outlook said (checked a call later)
-    rows = [m]
-    for _ in range(ahead + 2):
-        params, state, m = step(params, state, next(batches))
-        rows.append(m)
-    assert [int(r["step"]) for r in rows] == list(range(i, i + ahead + 3))
-    used = [bool(r["used_gradient"]) for r in rows]
-    assert used[: ahead + 2] == [False] * (ahead + 1) + [True] and bool(rows[-2]["verified"])
-    assert "predict" not in step.compiled_kinds and "predict_phase" in step.compiled_kinds
-
-
 def test_fuse_predict_refuses_the_monitors_forward_passes():
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(monitor_every=2))
     with pytest.raises(ValueError, match="monitor_every"):
@@ -139,9 +112,19 @@ def test_a_scan_carries_only_what_changes_and_passes_the_rest_through():
     assert passed.jaxpr.outvars[0] is passed.jaxpr.invars[1]  # "b": not carried, not copied
 
 
+def _few(s):
+    """Few metrics: the phase's program returns every row as device arrays."""
+    return {
+        "step": s.step,
+        "used": s.last.used_gradient,
+        "verified": s.last.verified,
+        "norm": s.last.update_norm,
+    }
+
+
 def test_a_fused_phase_returns_only_the_leaves_it_changes():
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True)
+    step = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=_few)
     params = tasks.mlp_init(jax.random.key(0))
     state = tx.init(params)
     for b in _batches(120):
@@ -157,19 +140,31 @@ def test_a_fused_phase_returns_only_the_leaves_it_changes():
         assert len(old) == len(new) and all(x is y for x, y in zip(old, new, strict=True)), name
 
 
-@pytest.mark.parametrize("pack", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_a_phase_with_few_metrics_serves_its_rows_as_device_arrays_without_waiting(pack):
-    """With a small ``metrics_fn`` the phase's program returns every step's row as device
-    arrays (``_fused.ROW_OUTPUTS``): the calls serving them read nothing on the host, and
-    every row matches the unfused step's."""
-    few = lambda s: {"step": s.step, "used": s.last.used_gradient, "norm": s.last.update_norm}
+def _first_phase_applies_it_all(rows, ahead, states):
+    """At the first fused phase: its first call returned the state after all of it; the
+    calls it took returned its rows; then the real step that verifies it."""
+    i = next(i for i, a in enumerate(ahead) if a > 0)
+    n = ahead[i]
+    assert int(states[i][0]) == i + 1 + n  # the state's step: past the whole phase
+    assert states[i][1] != hj.PREDICT  # the phase fitted in one program
+    assert [int(r["step"]) for r in rows[i : i + n + 3]] == list(range(i + 1, i + n + 4))
+    used = [bool(r["used"]) for r in rows[i : i + n + 2]]
+    assert used == [False] * (n + 1) + [True] and bool(rows[i + n + 1]["verified"])
+
+
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_fused_phase_is_applied_at_once_and_serves_its_rows_without_waiting(pack):
+    """A phase's first call applies the whole phase (the state returned is past it);
+    with a small ``metrics_fn`` the phase's program returns every step's row as device
+    arrays (``_fused.ROW_OUTPUTS``): the calls serving them read nothing on the host,
+    and every row matches the unfused step's."""
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
     batches = _batches(100)
     fused = hj.make_dispatched_step(
-        tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=few, pack_state=pack
+        tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=_few, pack_state=pack
     )
     params = tasks.mlp_init(jax.random.key(0))
-    state, rows, ahead = tx.init(params), [], []
+    state, rows, ahead, states = tx.init(params), [], [], []
     for b in batches:
         params, state, m = fused(params, state, b)
         ahead.append(fused.steps_ahead)
@@ -177,9 +172,11 @@ def test_a_phase_with_few_metrics_serves_its_rows_as_device_arrays_without_waiti
             assert fused._phase.result._host is None  # nothing read from the phase yet
             assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(m))
         rows.append(m)
+        states.append((int(state.step), int(state.phase.id)) if ahead[-1] else None)
     phase = fused._programs[hj._dispatch.PHASE]
     assert fused.phases_fused > 3 and phase.every_row and phase.packed == pack
-    plain = hj.make_dispatched_step(tasks.mlp_loss, tx, metrics_fn=few)
+    assert "predict" not in fused.compiled_kinds and "predict_phase" in fused.compiled_kinds
+    plain = hj.make_dispatched_step(tasks.mlp_loss, tx, metrics_fn=_few)
     p2 = tasks.mlp_init(jax.random.key(0))
     s2, want = tx.init(p2), []
     end = max(i for i, a in enumerate(ahead) if a == 0)
@@ -188,7 +185,9 @@ def test_a_phase_with_few_metrics_serves_its_rows_as_device_arrays_without_waiti
         want.append(m)
     got = jax.device_get(rows[: end + 1])
     want = jax.device_get(want)
+    _first_phase_applies_it_all(got, ahead, states)
     steps = list(range(1, end + 2))  # each row: the state after its step
     assert [int(r["step"]) for r in got] == [int(r["step"]) for r in want] == steps
     assert [bool(r["used"]) for r in got] == [bool(r["used"]) for r in want]
+    assert [bool(r["verified"]) for r in got] == [bool(r["verified"]) for r in want]
     np.testing.assert_allclose([r["norm"] for r in got], [r["norm"] for r in want], rtol=1e-4)
