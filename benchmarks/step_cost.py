@@ -8,7 +8,7 @@
 
 Every mode is one jitted step with its inputs donated, timed over a loop of steps after
 compiling and warming up; the figure is the median over repeats. The hybrid's phase is
-forced (a Full phase or a Predict phase with a huge budget) so that one compiled step
+forced (a real phase or a Predict phase with a huge budget: ``forced``) so that one compiled step
 is timed in each branch (``--variants dispatched``: each of the programs of
 ``hj.make_dispatched_step``, chosen on the host; ``--sketch-strides 1,16`` times each
 variant with each ``HybridConfig.sketch_stride``; ``--observe-every 1,4`` with each
@@ -79,8 +79,11 @@ def build(model: str, seed: int = 0, attention: str = "auto"):
 
 
 def forced(state: hj.HybridState, phase: int) -> hj.HybridState:
-    """The state with its phase pinned for a very long time."""
+    """The state with its phase pinned for a very long time. A Full phase is pinned as a
+    Correct phase: the same real steps, 2 of every ``observe_every`` observed, where a
+    Full phase this long would be quiet (``hybrid_jax._phases.quiet``: nothing observed)."""
     i32 = lambda x: jnp.asarray(x, jnp.int32)
+    phase = hj.CORRECT if phase == hj.FULL else phase
     pinned = state.phase._replace(id=i32(phase), step=i32(1), budget=i32(2**30))
     return state._replace(phase=pinned)
 

@@ -218,10 +218,12 @@ def push(
     decay: float,
     keep: jax.Array | bool = True,
     stride: int = 1,
+    restart: jax.Array | bool = False,
 ) -> Basis:
     """Adds a real update: it becomes the last direction, enters the EMA and the ring;
     with ``stride > 1`` it enters the accumulator, whose sum is pushed (and the
-    accumulator emptied) at every ``stride``-th update.
+    accumulator emptied) at every ``stride``-th update. ``restart``: the EMA starts
+    anew at this update (the updates it averaged are long past; ``stride == 1`` only).
 
     ``g`` is ``gram(basis, update, ...)``; the new directions' Gram matrix follows from
     it without another pass over the parameters. With ``keep`` false the basis is
@@ -230,7 +232,8 @@ def push(
     """
     keep = jnp.asarray(keep)
     if basis.acc is None:
-        return _push_direction(basis, update, g, decay, keep, basis.count == 0)
+        first = (basis.count == 0) | jnp.asarray(restart)
+        return _push_direction(basis, update, g, decay, keep, first)
     acc = basis.acc
     total = jax.tree.map(lambda a, u: a + u.astype(a.dtype), acc.total, update)
     bd = acc.bu + g.bu

@@ -156,6 +156,7 @@ class DispatchedStep:
         self._signature: StateLayout | None = None  # the shapes of the states seen last
         cfg = tx.config
         self._planned: collections.deque = collections.deque()  # kinds known ahead
+        self._quiet = 0  # unobserved steps known ahead, before those (a quiet stretch)
         self._width = 3 if self._fuse else 1  # the entry's part before its plan
         self._look = (
             (lambda s: outlook(tx, s)) if self._fuse else (lambda s: kind_after_next(cfg, s)[None])
@@ -245,7 +246,7 @@ class DispatchedStep:
             return self._run_phase(params, state, batch)
         program = self._compiled.get(kind) or self._program(kind, params, batch)
         params, state, m, aux, ahead = program(params, state, batch, *extra)
-        if len(self._planned) < 2:  # read two calls later: on its way by then
+        if self._quiet + len(self._planned) < 2:  # read two calls later: on its way by then
             ahead.copy_to_host_async()
         self._pending.append(ahead)
         return self._out(params, state, m, aux)
@@ -269,14 +270,18 @@ class DispatchedStep:
         now, look = jax.device_get(self._read(state))
         self._pending = collections.deque([look])
         self._planned.clear()
+        self._quiet = 0
         self._phase = self._check = None
         return int(now)
 
     def _entry(self) -> int:
         """The kind of this call: known ahead, or made two calls ago (waits for that
         program, and keeps the kinds it found certain after this one)."""
-        if self._planned:
+        if self._quiet or self._planned:
             self._pending.popleft()  # not read: the plan has it
+            if self._quiet:
+                self._quiet -= 1
+                return PLAIN
             return self._planned.popleft()
         entry = _host(self._pending.popleft())
         kind = int(entry[0])
@@ -284,7 +289,7 @@ class DispatchedStep:
             quiet, certain = int(entry[self._width]), entry[self._width + 1 :]
             certain = certain[: int(np.argmin(certain >= 0))] if (certain < 0).any() else certain
             if quiet > len(certain):
-                self._planned.extend([PLAIN] * quiet)
+                self._quiet = quiet
             else:
                 self._planned.extend(int(k) for k in certain)
         if self._check is not None:  # the fused phase before has run: was it as told?

@@ -307,9 +307,9 @@ def learn(
     """Basis, encoder, predictor, residuals and corrector learn from an observed step."""
     cfg = setup.cfg
     norm = jnp.sqrt(jnp.sum(f.gram.uu))
-    basis = _basis.push(
-        state.basis, updates, f.gram, cfg.basis.ema_decay, keep=~drop, stride=cfg.basis.stride
-    )
+    stale = state.step - state.encoder.last_real_step > max(cfg.full_steps, cfg.observe_every)
+    b = cfg.basis  # after a quiet stretch (stale) the EMA of real updates starts anew
+    basis = _basis.push(state.basis, updates, f.gram, b.ema_decay, ~drop, b.stride, stale)
     enc, feats, gap = features(
         setup, state, f, lv, loss=loss, grad_norm=grad_norm, inner_state=inner_state, norm=norm
     )

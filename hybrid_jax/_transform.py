@@ -68,7 +68,8 @@ def predictive(
     On real steps the wrapped optimizer's update is applied and recorded: it enters
     the basis of directions, and its least-squares fit onto the previous basis trains
     the predictor (with ``config.observe_every = k > 2``, on two consecutive real
-    steps of every k). In a Predict phase the gradient is ignored and the update is
+    steps of every k, and not in the quiet stretch of a long Full or Warmup phase:
+    ``hybrid_jax._phases.quiet``). In a Predict phase the gradient is ignored and the update is
     ``sum_b c_b direction_b`` with coefficients from the predictor.
 
     Safety: a Predict phase starts from a snapshot of the parameters; the first real

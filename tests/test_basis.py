@@ -46,6 +46,27 @@ def test_push_keeps_last_ema_and_older_updates(size):
             np.testing.assert_allclose(dirs[1 + lag], history[-1 - lag][leaf], rtol=1e-6)
 
 
+def test_a_restarted_ema_starts_at_the_update_and_its_gram_follows():
+    """``push(..., restart=True)`` (the first observation after a quiet stretch): the
+    EMA direction is the update itself, the older directions move on as usual, and the
+    tracked Gram matrix matches the directions' inner products."""
+    rng = np.random.default_rng(2)
+    basis = _basis.init(_tree(rng), 3, "float32", 2)
+    for _ in range(4):
+        basis = _pushed(basis, _tree(rng), 0.9)
+    u = _tree(rng)
+    restarted = jax.jit(
+        lambda b, u: _basis.push(b, u, _basis.gram(b, u, (0, 1), 2, 1), 0.9, restart=True)
+    )(basis, u)
+    before = _logical(basis, 3)
+    for gi, (leaf, dirs) in enumerate(zip(["p0", "p1"], _logical(restarted, 3), strict=True)):
+        np.testing.assert_allclose(dirs[0], u[leaf], rtol=1e-6)
+        np.testing.assert_allclose(dirs[1], u[leaf], rtol=1e-6)  # the EMA: the update alone
+        np.testing.assert_allclose(dirs[2], before[gi][0], rtol=1e-6)  # the last one before
+        flat = dirs.reshape(3, -1)
+        np.testing.assert_allclose(np.asarray(restarted.gram[gi]), flat @ flat.T, rtol=1e-4)
+
+
 def test_tracked_gram_matches_direct_inner_products():
     rng = np.random.default_rng(1)
     params = _tree(rng)

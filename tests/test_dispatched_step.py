@@ -48,7 +48,8 @@ def _compare(tx, batches):
     assert [tuple(int(r[k]) for k in keys) for r in ra] == [
         tuple(int(r[k]) for k in keys) for r in rb
     ]
-    for name in ("backward_passes", "predicted_steps", "rollbacks", "verifications"):
+    counted = ("backward_passes", "observed_steps", "predicted_steps", "rollbacks", "verifications")
+    for name in counted:
         assert int(getattr(sa.counters, name)) == int(getattr(sb.counters, name)), name
     assert int(sb.counters.idle_steps) == 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), pa, pb)
@@ -179,8 +180,11 @@ def test_the_kinds_a_plan_calls_certain_are_the_kinds_taken(digits_batches, chan
     certain = quiet_steps = 0
     for i, (plan, quiet) in enumerate(plans):
         quiet = int(quiet)
-        # a quiet stretch: its unobserved steps, after the step after next
+        # a quiet stretch: its unobserved steps, after the step after next; then, once
+        # enough went unobserved, an observed one (the count is not short)
         assert kinds[i + 2 : i + 2 + quiet] == [_kinds.PLAIN] * min(quiet, len(kinds) - i - 2)
+        if quiet + 1 >= cfg.observe_every - 2 and i + 2 + quiet < len(kinds):
+            assert kinds[i + 2 + quiet] == _kinds.REAL, (i, quiet, kinds[i : i + quiet + 4])
         quiet_steps += quiet > 0
         known = int(np.argmin(plan >= 0)) if (plan < 0).any() else n
         assert (plan[:known] >= 0).all() and (plan[known:] < 0).all()  # a prefix
@@ -226,6 +230,23 @@ def test_inside_full_phases_the_host_reads_one_kind_in_many(monkeypatch):
     # one read per PLAN - 1 steps of a Full phase (and two at its start), one per step elsewhere
     most = len(batches) - steps_in_full + steps_in_full / (_dispatch.PLAN - 1) + 2 * full_phases
     assert len(reads) <= most + 2
+
+
+@pytest.mark.slow
+def test_a_quiet_stretch_is_read_once(monkeypatch):
+    """The unobserved steps of a long warmup (``_phases.quiet``) are counted when the
+    stretch begins (``quiet_run``): the host reads the kinds a few times, not once per
+    ``PLAN - 1`` steps, and takes the steps ``make_hybrid_step`` takes."""
+    cfg = fast_config(warmup_steps=300, full_steps=5, observe_every=4)
+    tx = hj.predictive(optax.adam(1e-2), cfg)
+    reads = []
+    host = _dispatch._host
+    monkeypatch.setattr(_dispatch, "_host", lambda e: reads.append(1) or host(e))
+    step = hj.make_dispatched_step(quadratic_loss, tx)
+    params, state = quadratic_params(), tx.init(quadratic_params())
+    for b in quadratic_batches(300):
+        params, state, _ = step(params, state, b)
+    assert step.kind_counts[_kinds.PLAIN] >= 290 and len(reads) <= 6, (step.kind_counts, reads)
 
 
 @pytest.mark.slow
