@@ -307,7 +307,7 @@ def learn(
     """Basis, encoder, predictor, residuals and corrector learn from an observed step."""
     cfg = setup.cfg
     norm = jnp.sqrt(jnp.sum(f.gram.uu))
-    stale = state.step - state.encoder.last_real_step > max(cfg.full_steps, cfg.observe_every)
+    stale = state.encoder.unobserved >= max(cfg.full_steps, cfg.observe_every)
     b = cfg.basis  # after a quiet stretch (stale) the EMA of real updates starts anew
     basis = _basis.push(state.basis, updates, f.gram, b.ema_decay, ~drop, b.stride, stale)
     enc, feats, gap = features(
