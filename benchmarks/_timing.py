@@ -63,19 +63,9 @@ def device_timeline(run: Callable[[], Any], logdir: str, top: int = 5) -> dict[s
     largest with the events around them). ``None`` when the trace has no device plane
     (e.g. on the CPU).
     """
-    import glob
-    import shutil
-
-    from jax.profiler import ProfileData
-
-    shutil.rmtree(logdir, ignore_errors=True)
-    jax.block_until_ready(run())
-    with jax.profiler.trace(logdir):
-        jax.block_until_ready(run())
-    files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-    if not files:
+    data = _trace(run, logdir)
+    if data is None:
         return None
-    data = ProfileData.from_file(files[0])
     events = []
     for plane in data.planes:
         if not plane.name.startswith("/device:"):
@@ -154,20 +144,11 @@ def host_events(run: Callable[[], Any], logdir: str, calls: int, top: int = 14) 
     """The host-side trace events of one ``run()`` (jax.profiler, the host's planes):
     the ``top`` names by total time, in microseconds per call of the step (events nest,
     so totals overlap). Empty when the trace has no host plane."""
-    import glob
-    import shutil
-
-    from jax.profiler import ProfileData
-
-    shutil.rmtree(logdir, ignore_errors=True)
-    jax.block_until_ready(run())
-    with jax.profiler.trace(logdir):
-        jax.block_until_ready(run())
-    files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-    if not files:
+    data = _trace(run, logdir)
+    if data is None:
         return []
     total: dict[str, list[float]] = {}
-    for plane in ProfileData.from_file(files[0]).planes:
+    for plane in data.planes:
         if not plane.name.startswith("/host:"):
             continue
         for line in plane.lines:
@@ -180,3 +161,19 @@ def host_events(run: Callable[[], Any], logdir: str, calls: int, top: int = 14) 
                 t[1] += 1
     ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:top]
     return [{"event": k, "us_per_step": round(v[0] / calls, 2), "n": v[1]} for k, v in ranked]
+
+
+def _trace(run: Callable[[], Any], logdir: str) -> Any:
+    """The profile (``jax.profiler.ProfileData``) of one ``run()``, already compiled and
+    warm; ``None`` when no trace was written."""
+    import glob
+    import shutil
+
+    from jax.profiler import ProfileData
+
+    shutil.rmtree(logdir, ignore_errors=True)
+    jax.block_until_ready(run())
+    with jax.profiler.trace(logdir):
+        jax.block_until_ready(run())
+    files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+    return ProfileData.from_file(files[0]) if files else None
