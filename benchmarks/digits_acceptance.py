@@ -8,11 +8,12 @@ digits CNN of ``hybrid_jax.tasks``) for ``--steps`` steps
 with the same initialisation and data order; plain AdamW runs once per (lr, seed) and
 its held-out loss is recorded after every number of steps an arm needs. Printed per arm:
 the share of backward passes skipped, accepted / verified Predict phases, rejections by
-the cost rule, and the ratio of mean held-out losses to AdamW after the same number of
-steps (``equal steps``) and after as many steps as the arm ran backward passes
-(``equal backward``: the hybrid's predicted steps against nothing).
+the cost rule, the real steps observed, and the ratio of mean held-out losses to AdamW
+after the same number of steps (``equal steps``) and after as many steps as the arm ran
+backward passes (``equal backward``: the hybrid's predicted steps against nothing).
 
-Arms: ``default`` (``HybridConfig()``); ``ratioR-hH``, the earlier defaults (every real
+Arms: ``default`` (``HybridConfig()``); ``extrapolate`` and ``rssm`` (the defaults with
+that predictor); ``ratioR-hH``, the earlier defaults (every real
 step observed) with ``predict_cost_ratio`` R and ``max_horizon`` H (``ratio0``: acceptance
 by ``verify_tolerance`` alone); and ``last_update``, ``linefit``, ``snoo`` on one schedule
 (warmup 100, Full 20, Correct 5, horizon 8, ``confidence_threshold`` 0, cost ratio 0.25,
@@ -57,6 +58,8 @@ def arms() -> dict[str, hj.HybridConfig]:
 
     return {
         "default": hj.HybridConfig(),
+        "extrapolate": hj.HybridConfig(predictor="extrapolate"),
+        "rssm": hj.HybridConfig(predictor="rssm"),
         "ratio0.25-h15": earlier(),
         "ratio0-h15": earlier(predict_cost_ratio=0.0),
         "ratio1-h15": earlier(predict_cost_ratio=1.0),
@@ -100,6 +103,8 @@ def hybrid_run(split, lr, cfg, steps, seed) -> dict:
         verified=int(verified),
         accepted=int(verified - sum(r["rolled_back"] and r["verified"] for r in rows)),
         cost_rejections=int(c.cost_rejections),
+        observed=int(c.observed_steps),
+        real=int(c.real_steps),
     )
 
 
@@ -161,7 +166,7 @@ def main() -> None:
     rows = []
     print(
         f"{'lr':>7} {'arm':>17} {'skipped':>8} {'acc/ver':>8} {'cost rej':>8} "
-        f"{'equal steps':>11} {'equal backward':>14}"
+        f"{'observed':>11} {'equal steps':>11} {'equal backward':>14}"
     )
     for lr in map(float, args.lrs.split(",")):
         runs = {name: [] for name in configs}
@@ -181,9 +186,10 @@ def main() -> None:
             skipped = 1.0 - np.mean([r["backward"] for r in rs]) / args.steps
             acc, ver = sum(r["accepted"] for r in rs), sum(r["verified"] for r in rs)
             rej = sum(r["cost_rejections"] for r in rs)
+            obs = f"{sum(r['observed'] for r in rs)}/{sum(r['real'] for r in rs)}"
             print(
                 f"{lr:7.0e} {name:>17} {skipped:8.3f} {acc:>4}/{ver:<3} {rej:8d} "
-                f"{eq_steps:11.3f} {eq_back:14.3f}",
+                f"{obs:>11} {eq_steps:11.3f} {eq_back:14.3f}",
                 flush=True,
             )
             rows.append(
