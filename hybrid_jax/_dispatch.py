@@ -35,6 +35,7 @@ step late as usual.
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -286,12 +287,12 @@ class DispatchedStep:
         entry = _host(self._pending.popleft())
         kind = int(entry[0])
         if len(entry) > self._width:  # a plan: a quiet stretch, or the kinds certain
-            quiet, certain = int(entry[self._width]), entry[self._width + 1 :]
-            certain = certain[: int(np.argmin(certain >= 0))] if (certain < 0).any() else certain
+            quiet, plan = int(entry[self._width]), entry[self._width + 1 :]
+            certain = [int(k) for k in itertools.takewhile(lambda k: k >= 0, plan)]
             if quiet > len(certain):
                 self._quiet = quiet
             else:
-                self._planned.extend(int(k) for k in certain)
+                self._planned.extend(certain)
         if self._check is not None:  # the fused phase before has run: was it as told?
             result, taken, after = self._check
             self._check = None
