@@ -12,8 +12,14 @@ the cost rule, the real steps observed, and the ratio of mean held-out losses to
 after the same number of steps (``equal steps``) and after as many steps as the arm ran
 backward passes (``equal backward``: the hybrid's predicted steps against nothing).
 
+A single final iterate is noisy at a constant learning rate: AdamW's own held-out loss
+moves by several percent between steps N - 10 and N (printed as ``AdamW N-10 / N``, the
+noise floor of ``equal steps``). So ``tail`` also compares the mean held-out loss over
+the last ``--tail`` steps (evaluated every 10 steps; ``0``: off), the same steps for both.
+
 Arms: ``default`` (``HybridConfig()``); ``extrapolate`` and ``rssm`` (the defaults with
-that predictor); ``ratioR-hH``, the earlier defaults (every real
+that predictor); ``never`` (the defaults with ``confidence_threshold=1``: a control that
+should predict nothing and match AdamW); ``ratioR-hH``, the earlier defaults (every real
 step observed) with ``predict_cost_ratio`` R and ``max_horizon`` H (``ratio0``: acceptance
 by ``verify_tolerance`` alone); and ``last_update``, ``linefit``, ``snoo`` on one schedule
 (warmup 100, Full 20, Correct 5, horizon 8, ``confidence_threshold`` 0, cost ratio 0.25,
@@ -60,6 +66,7 @@ def arms() -> dict[str, hj.HybridConfig]:
         "default": hj.HybridConfig(),
         "extrapolate": hj.HybridConfig(predictor="extrapolate"),
         "rssm": hj.HybridConfig(predictor="rssm"),
+        "never": hj.HybridConfig(confidence_threshold=1.0),
         "ratio0.25-h15": earlier(),
         "ratio0-h15": earlier(predict_cost_ratio=0.0),
         "ratio1-h15": earlier(predict_cost_ratio=1.0),
@@ -79,7 +86,15 @@ def held_out(split, params) -> float:
     return float(MODELS[MODEL][0](params, (split.x_test, split.y_test)))
 
 
-def hybrid_run(split, lr, cfg, steps, seed) -> dict:
+TAIL_EVERY = 10
+
+
+def tail_steps(steps: int, tail: int) -> list[int]:
+    """The steps whose held-out losses ``tail`` averages: every 10th of the last ``tail``."""
+    return [s for s in range(steps - tail + TAIL_EVERY, steps + 1, TAIL_EVERY)] if tail else []
+
+
+def hybrid_run(split, lr, cfg, steps, seed, tail=0) -> dict:
     def data(start):
         return tasks.batches(split.x_train, split.y_train, 64, seed=seed, start=start)
 
@@ -93,8 +108,12 @@ def hybrid_run(split, lr, cfg, steps, seed) -> dict:
         steps=steps,
         sync_every=steps,
         progress=False,
+        eval_fn=(lambda p: held_out(split, p)) if tail else None,
+        eval_every=TAIL_EVERY if tail else 0,
     )
     c = jax.device_get(res.state.counters)
+    evals = {step + 1: loss for step, loss in res.evals}  # keyed by steps taken
+    tail_losses = [evals[s] for s in tail_steps(steps, tail)]
     rows = res.rows
     verified = sum(r["verified"] for r in rows)
     return dict(
@@ -105,6 +124,7 @@ def hybrid_run(split, lr, cfg, steps, seed) -> dict:
         cost_rejections=int(c.cost_rejections),
         observed=int(c.observed_steps),
         real=int(c.real_steps),
+        tail=float(np.mean(tail_losses)) if tail_losses else None,
     )
 
 
@@ -142,6 +162,37 @@ def ablate(spec: str) -> None:
         setattr(mod, name, type(getattr(mod, name))(int(value)))
 
 
+def summary(args, lr: float, name: str, rs: list[dict], base: list[dict]) -> dict:
+    """One arm's figures at one learning rate, over the seeds (``base``: AdamW's curves)."""
+    steps = args.steps
+    hyb = [r["loss"] for r in rs]
+    tail = None
+    if args.tail:
+        adamw_tail = [np.mean([b[s] for s in tail_steps(steps, args.tail)]) for b in base]
+        tail = np.mean([r["tail"] for r in rs]) / np.mean(adamw_tail)
+    verified = sum(r["verified"] for r in rs)
+    return dict(
+        lr=lr,
+        arm=name,
+        skipped=1.0 - np.mean([r["backward"] for r in rs]) / steps,
+        accepted=sum(r["accepted"] for r in rs),
+        verified=verified,
+        cost_rejections=sum(r["cost_rejections"] for r in rs),
+        observed=f"{sum(r['observed'] for r in rs)}/{sum(r['real'] for r in rs)}",
+        equal_steps=np.mean(hyb) / np.mean([b[steps] for b in base]),
+        equal_backward=np.mean(hyb)
+        / np.mean([b[r["backward"]] for b, r in zip(base, rs, strict=True)]),
+        tail=tail,
+        tail_steps=args.tail,
+        adamw_noise=np.mean([b[steps - 10] for b in base]) / np.mean([b[steps] for b in base]),
+        runs=rs,
+        adamw=[{str(k): v for k, v in b.items()} for b in base],
+        steps=steps,
+        model=args.model,
+        set=args.set,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="mlp", choices=sorted(MODELS))
@@ -149,6 +200,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lrs", default="3e-4,1e-3")
     ap.add_argument("--arms", default=",".join(arms()))
+    ap.add_argument("--tail", type=int, default=100, help="steps the tail mean covers (0: off)")
     ap.add_argument("--out", default="")
     ap.add_argument(
         "--set",
@@ -166,49 +218,30 @@ def main() -> None:
     rows = []
     print(
         f"{'lr':>7} {'arm':>17} {'skipped':>8} {'acc/ver':>8} {'cost rej':>8} "
-        f"{'observed':>11} {'equal steps':>11} {'equal backward':>14}"
+        f"{'observed':>11} {'equal steps':>11} {'equal backward':>14} {'tail':>6} "
+        f"{'AdamW N-10 / N':>14}"
     )
     for lr in map(float, args.lrs.split(",")):
         runs = {name: [] for name in configs}
         for seed in range(args.seeds):
             for name, cfg in configs.items():
-                runs[name].append(hybrid_run(split, lr, cfg, args.steps, seed))
+                runs[name].append(hybrid_run(split, lr, cfg, args.steps, seed, args.tail))
         base = []
         for seed in range(args.seeds):
-            at = {args.steps} | {runs[n][seed]["backward"] for n in configs}
+            at = {args.steps, args.steps - 10} | {runs[n][seed]["backward"] for n in configs}
+            at |= set(tail_steps(args.steps, args.tail))
             base.append(adamw_curve(split, lr, args.steps, seed, at))
         for name, rs in runs.items():
-            hyb = [r["loss"] for r in rs]
-            eq_steps = np.mean(hyb) / np.mean([b[args.steps] for b in base])
-            eq_back = np.mean(hyb) / np.mean(
-                [b[r["backward"]] for b, r in zip(base, rs, strict=True)]
-            )
-            skipped = 1.0 - np.mean([r["backward"] for r in rs]) / args.steps
-            acc, ver = sum(r["accepted"] for r in rs), sum(r["verified"] for r in rs)
-            rej = sum(r["cost_rejections"] for r in rs)
-            obs = f"{sum(r['observed'] for r in rs)}/{sum(r['real'] for r in rs)}"
+            row = summary(args, lr, name, rs, base)
             print(
-                f"{lr:7.0e} {name:>17} {skipped:8.3f} {acc:>4}/{ver:<3} {rej:8d} "
-                f"{obs:>11} {eq_steps:11.3f} {eq_back:14.3f}",
+                f"{lr:7.0e} {name:>17} {row['skipped']:8.3f} "
+                f"{row['accepted']:>4}/{row['verified']:<3} {row['cost_rejections']:8d} "
+                f"{row['observed']:>11} {row['equal_steps']:11.3f} {row['equal_backward']:14.3f} "
+                f"{row['tail'] if row['tail'] is not None else float('nan'):6.3f} "
+                f"{row['adamw_noise']:14.3f}",
                 flush=True,
             )
-            rows.append(
-                dict(
-                    lr=lr,
-                    arm=name,
-                    skipped=skipped,
-                    accepted=acc,
-                    verified=ver,
-                    cost_rejections=rej,
-                    equal_steps=eq_steps,
-                    equal_backward=eq_back,
-                    runs=rs,
-                    adamw=[{str(k): v for k, v in b.items()} for b in base],
-                    steps=args.steps,
-                    model=args.model,
-                    set=args.set,
-                )
-            )
+            rows.append(row)
     print(json.dumps(environment()))
     if args.out:
         Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
