@@ -29,7 +29,8 @@ reported.
 By default (``--stepping python``) every arm calls one jitted step per batch from Python,
 as ``hj.train`` does (the hybrids through ``hj.make_dispatched_step``; every program
 compiled before the clock starts); each run's wall-clock is its actual mix of steps.
-``--stepping fused`` runs ``lax.scan`` chunks of ``eval_every`` steps instead. The
+``--stepping fused`` runs ``lax.scan`` chunks of ``eval_every`` steps instead;
+``--timeline`` also times every call and sums the seconds by the kind of step taken. The
 learning rate is set from the global step for every arm, so that the hybrid's schedule
 follows the steps taken, real and predicted. The held-out loss is measured between
 chunks and not timed.
@@ -62,6 +63,7 @@ from step_cost import forced
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
+from hybrid_jax._kinds import KIND_NAMES
 
 
 class Deadline(Exception):
@@ -290,6 +292,7 @@ def make_stepper(arm: Arm, loss_fn):
             return dispatched(params, state, batch, t, hyper)[:2]
 
         step.compile = dispatched.compile
+        step.kind_counts = dispatched.kind_counts  # updated in place by each call
         return step
 
     def one(params, state, batch, t, hyper):
@@ -377,8 +380,36 @@ def unstack(batches: Any) -> list[Any]:
     return [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(n)]
 
 
+def timed_calls(step, params, state, batches, ts, hyper, calls: dict):
+    """Steps through ``batches`` one call at a time (``--timeline``), adding each call's
+    seconds (launch to launch: the host's time where the host is the bound) to
+    ``calls[kind] = [calls, seconds]``, by the kind of step a hybrid took ("step" else)."""
+    counts = getattr(step, "kind_counts", None)
+    names = (*KIND_NAMES, "predict_phase") if counts is not None else ()
+    for batch, t in zip(batches, ts, strict=False):
+        before = list(counts) if counts is not None else None
+        t0 = time.perf_counter()
+        params, state = step(params, state, batch, t, hyper)
+        seconds = time.perf_counter() - t0
+        kind = "step" if before is None else names[_changed(before, counts)]
+        entry = calls.setdefault(kind, [0, 0.0])
+        entry[0], entry[1] = entry[0] + 1, entry[1] + seconds
+    return params, state
+
+
+def _changed(before: list[int], after: list[int]) -> int:
+    return next(i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b)
+
+
 def run_arm(
-    wl: Workload, arm: Arm, seed: int, evaluate, log, cache: dict, stepping: str = "fused"
+    wl: Workload,
+    arm: Arm,
+    seed: int,
+    evaluate,
+    log,
+    cache: dict,
+    stepping: str = "fused",
+    timeline: bool = False,
 ) -> tuple[dict, Any, Any, Any]:
     """Trains one arm with one seed; returns its record, compiled chunk (``None`` with
     ``stepping="python"``), params and state.
@@ -403,6 +434,7 @@ def run_arm(
         cache[arm.name, "s"] = time.perf_counter() - t0
     compiled, compile_s = cache[arm.name], cache[arm.name, "s"]
     ts = [jnp.int32(t) for t in range(0, arm.steps)]
+    calls: dict = {}
 
     def train_chunk(params, state, start):
         """Runs the chunk from ``start``; returns params, state and its seconds."""
@@ -413,6 +445,9 @@ def run_arm(
         t0 = time.perf_counter()
         if fused:
             params, state = compiled(params, state, batches, ts[start], hyper)
+        elif timeline:
+            span = ts[start : start + len(batches)]
+            params, state = timed_calls(compiled, params, state, batches, span, hyper, calls)
         else:
             for i, batch in enumerate(batches):
                 params, state = compiled(params, state, batch, ts[start + i], hyper)
@@ -444,6 +479,10 @@ def run_arm(
         curve=curve,
         **(memory(compiled) if fused else {}),
     )
+    if calls:
+        rec["calls"] = {k: dict(calls=n, ms=1e3 * sec) for k, (n, sec) in calls.items()}
+        per = ", ".join(f"{k} {n} x {1e6 * sec / n:.0f} us" for k, (n, sec) in calls.items())
+        log(f"    calls by kind (launch to launch): {per}")
     log(
         f"  {arm.name:22s} seed {seed}: held-out {rec['final_loss']:.4f}  "
         f"validation {rec['val_loss']:.4f}  "
@@ -533,7 +572,9 @@ def run_workload(wl: Workload, args, log) -> list[dict]:
                 return r
         if args.deadline and time.perf_counter() - args.t0 > args.deadline:
             raise Deadline
-        rec, compiled, params, state = run_arm(wl, arm, seed, evaluate, log, cache, args.stepping)
+        rec, compiled, params, state = run_arm(
+            wl, arm, seed, evaluate, log, cache, args.stepping, args.timeline
+        )
         if arm.kind == "hybrid":
             rec["hybrid_config"] = cfg
             if seed == seeds[0] and compiled is not None:
@@ -838,6 +879,12 @@ def main() -> None:
         default="python",
         help="python: one call per step (hybrids through make_dispatched_step, as hj.train); "
         "fused: lax.scan chunks of hybrid_step",
+    )
+    ap.add_argument(
+        "--timeline",
+        action="store_true",
+        help="with --stepping python: time each call and sum the seconds by kind of step "
+        "(adds a list copy per call)",
     )
     ap.add_argument("--out", default="runs/end_to_end")
     ap.add_argument("--summarize", default="", help="only summarise this runs.jsonl")
