@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .config import HybridConfig
+
 PyTree = Any
 
 
@@ -336,3 +338,23 @@ def norm(basis: Basis, coefs: jax.Array) -> jax.Array:
     """Global norm of ``sum_b coefs[g, b] direction_b`` from the Gram matrix."""
     sq = jnp.einsum("gb,gbc,gc->", coefs, basis.gram, coefs)
     return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+class Layout(NamedTuple):
+    """Which coefficient group each parameter leaf belongs to."""
+
+    groups: tuple[int, ...]
+    n_groups: int
+
+
+def layout(cfg: HybridConfig, params: PyTree) -> Layout:
+    """The coefficient groups of ``params``; checks that they are floating point."""
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("hj.predictive: params has no leaves")
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise ValueError(f"hj.predictive: params must be floating point; got {leaf.dtype}")
+    if cfg.basis.coef_groups == "global":
+        return Layout((0,) * len(leaves), 1)
+    return Layout(tuple(range(len(leaves))), len(leaves))

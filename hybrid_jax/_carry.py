@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
@@ -59,3 +60,9 @@ def scan_changing(
 
     moving, ys = jax.lax.scan(inner, split(carry), None, length=length, unroll=unroll)
     return merge(moving), ys
+
+
+def choose(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+    """``jnp.where(cond, a, b)`` leaf by leaf (``cond`` a scalar); a leaf that is the same
+    value in both is passed through as it is (see ``unchanged_leaves``)."""
+    return jax.tree.map(lambda x, y: x if x is y else jnp.where(cond, x, y), a, b)

@@ -30,10 +30,11 @@ skipped_updates        int32    real steps with a non-finite loss or gradient, n
 idle_steps             int32    predicted steps that applied nothing: the step before vetoed
                                 them (a non-finite step, a rollback, a non-finite prediction
                                 or a monitor warning; see ``hybrid_jax._phases``)
-cost_rejections        int32    rollbacks so far of Predict phases that passed
-                                ``verify_tolerance`` but lowered the loss by less than
-                                ``predict_cost_ratio`` times what the real steps they
-                                replaced were expected to (see ``HybridConfig``)
+cost_rejections        int32    Predict phases so far that passed ``verify_tolerance``
+                                but lowered the loss by less than ``predict_cost_ratio``
+                                times what the real steps they replaced were expected
+                                to (see ``HybridConfig``); those that lowered it at all
+                                are kept, not rolled back
 divergence_events      int32    monitor events so far (all kinds)
 horizon_scale          float32  the monitor's shrink factor of the horizon, in (0, 1]
 bandit_arm             int32    arm whose reward was learned at this step (-1: none)

@@ -106,7 +106,7 @@ class PredictPhases(NamedTuple):
 
     start: np.ndarray  # step of the phase's first predicted step
     length: np.ndarray  # predicted steps it ran
-    outcome: np.ndarray  # "accepted", "rolled back" or "unverified" (the run ended first)
+    outcome: np.ndarray  # "kept", "rolled back" or "unverified" (the run ended first)
 
 
 def predict_phases(rows: Sequence[Row]) -> PredictPhases:
@@ -147,7 +147,7 @@ def _outcome(row: Row) -> str:
     """What the step after a Predict phase said of it."""
     if bool(row.get("rolled_back", False)):
         return "rolled back"
-    return "accepted" if bool(row.get("verified", False)) else "unverified"
+    return "kept" if bool(row.get("verified", False)) else "unverified"
 
 
 def after_warmup(rows: Sequence[Row], key: str) -> np.ndarray:

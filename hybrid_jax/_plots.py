@@ -303,7 +303,7 @@ def _confidence_figure(mpl: _Matplotlib, arm: _Arm) -> Any:
 
 
 _OUTCOME_STYLE = {  # outcome -> (marker, colour)
-    "accepted": ("o", "#2ca02c"),
+    "kept": ("o", "#2ca02c"),
     "rolled back": ("x", "#d62728"),
     "unverified": ("o", "#9e9e9e"),
 }

@@ -182,7 +182,7 @@ def after_real(
     unhealthy = c.skip | (~jnp.isfinite(ln.update_norm) if observe else False)
     # the back-off's exponent: rejected phases, less ACCEPT_FORGIVES per accepted one (acts
     # on the next forced Full phase)
-    rejected = jnp.where(c.rollback, state.phase.rejected + 1, state.phase.rejected)
+    rejected = jnp.where(c.rejected, state.phase.rejected + 1, state.phase.rejected)
     forgiven = jnp.maximum(rejected - _phases.ACCEPT_FORGIVES, 0)
     rejected = jnp.where(c.accepted, forgiven, rejected).astype(jnp.int32)
     return state._replace(
@@ -192,9 +192,9 @@ def after_real(
         # a Full phase, its end: the request is kept until then)
         pending=_phases.Pending(
             verify=sched.verify,
-            veto=unhealthy | c.rollback,
+            veto=unhealthy | c.rejected,
             force_full=c.verdict.force_real
-            | c.rollback
+            | c.rejected
             | (state.pending.force_full & _phases.deferred(state.phase)),
         ),
         step=state.step + 1,
@@ -246,5 +246,5 @@ def _real_counters(c: Counters, verify: bool, measured: bool, observe: bool, che
         verifications=c.verifications + int(verify),
         rollbacks=c.rollbacks + i32(check.rollback),
         skipped_updates=c.skipped_updates + i32(check.skip),
-        cost_rejections=c.cost_rejections + i32(check.short & check.rollback),
+        cost_rejections=c.cost_rejections + i32(check.short & check.rejected),
     )

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from . import _bandit, _basis, _encoder, _monitor, _phases, _residuals
+from ._basis import Layout, layout  # noqa: F401  (the stages' callers read them here)
+from ._carry import choose
 from ._cost import pays
 from ._predictors import Observation, PredictContext, Prediction, Predictor
 from ._schedules import at_step
@@ -32,6 +34,10 @@ PyTree = Any
 # A phase rejected by the cost rule alone keeps its verifying step's update, applied
 # from the snapshot (``check``); False: a rollback applies nothing.
 REUSE_VERIFY_GRADIENT = True
+# A phase within the guard that lowered the loss, but by less than the cost rule asks,
+# keeps its parameters and still counts as rejected (the run backs off); False: it is
+# rolled back (``REUSE_VERIFY_GRADIENT`` applies).
+KEEP_WHAT_HELPED = True
 # The horizon scale starts at its floor (a probe of ``min_horizon`` steps) and falls back
 # to it at a rollback (``plan``); False: it starts at 1, a rollback shrinks it.
 PROBE_AFTER_ROLLBACK = True
@@ -46,34 +52,8 @@ class Setup(NamedTuple):
     monitor: MonitorSettings | None  # None: the monitor is off
 
 
-class Layout(NamedTuple):
-    """Which coefficient group each parameter leaf belongs to."""
-
-    groups: tuple[int, ...]
-    n_groups: int
-
-
-def layout(cfg: HybridConfig, params: PyTree) -> Layout:
-    """The coefficient groups of ``params``; checks that they are floating point."""
-    leaves = jax.tree.leaves(params)
-    if not leaves:
-        raise ValueError("hj.predictive: params has no leaves")
-    for leaf in leaves:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise ValueError(f"hj.predictive: params must be floating point; got {leaf.dtype}")
-    if cfg.basis.coef_groups == "global":
-        return Layout((0,) * len(leaves), 1)
-    return Layout(tuple(range(len(leaves))), len(leaves))
-
-
 def ema(old: jax.Array, new: jax.Array, decay: float) -> jax.Array:
     return decay * old + (1.0 - decay) * new
-
-
-def choose(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    """``jnp.where(cond, a, b)`` leaf by leaf (``cond`` a scalar); a leaf that is the same
-    value in both is passed through as it is (see ``hybrid_jax._carry``)."""
-    return jax.tree.map(lambda x, y: x if x is y else jnp.where(cond, x, y), a, b)
 
 
 # Up to this many elements in all, a tree's norm is one reduction over its leaves joined
@@ -125,6 +105,7 @@ class Check(NamedTuple):
     skip: jax.Array  # non-finite loss or gradient: nothing is applied
     accepted: jax.Array  # the Predict phase being verified passed
     rollback: jax.Array  # the parameters go back to the snapshot
+    rejected: jax.Array  # the phase did not pay (rolled back or kept): the run backs off
     reuse: jax.Array  # a rollback that applies this step's update from the snapshot
     drop: jax.Array  # skip, or a rollback without reuse: the optimizer's update is not applied
     verdict: _monitor.Verdict
@@ -147,11 +128,13 @@ def check(
 
     A phase is accepted when the loss at the new parameters is within
     ``verify_tolerance`` of the snapshot's (the guard) and the cost rule holds (``pays``).
-    A phase that passed the guard but not the cost rule (and that the monitor does not
-    roll back) is rolled back with ``reuse``: the verifying step's gradient, taken at the
-    predicted parameters at most ``max_horizon`` steps from the snapshot (a stale
-    gradient, as in asynchronous training), is applied as a real update from the
-    snapshot. After the guard or the monitor (a point that may be far off) nothing is.
+    A phase that passed the guard but not the cost rule is ``rejected`` (the run backs
+    off). Where it lowered the loss on the verifying batch it keeps its parameters
+    (``KEEP_WHAT_HELPED``; unless the monitor rolls back); otherwise it is rolled back
+    with ``reuse``: the verifying step's gradient, taken at the predicted parameters at
+    most ``max_horizon`` steps from the snapshot (a stale gradient, as in asynchronous
+    training), is applied as a real update from the snapshot. After the guard or the
+    monitor (a point that may be far off) nothing is.
     """
     loss_ok = jnp.isfinite(loss) if loss_given else jnp.asarray(True)
     skip = ~(loss_ok & jnp.isfinite(grad_norm))
@@ -159,13 +142,15 @@ def check(
     guarded = verifying & jnp.isfinite(snapshot_loss) & loss_ok & (loss <= tolerated)
     paid = pays(setup.cfg, state, snapshot_loss, loss)
     accepted = guarded & paid
+    kept = accepted | (guarded & (loss < snapshot_loss) if KEEP_WHAT_HELPED else False)
     monitor, verdict = _monitor.observe_real(
         state.monitor, setup.monitor, loss=loss, grad_norm=grad_norm, predicted_loss=predicted_loss
     )
     if verifying:  # only a verifying step has a snapshot to go back to
-        rollback = state.snapshot_valid & (~accepted | verdict.rollback)
+        rejected = state.snapshot_valid & (~accepted | verdict.rollback)
+        rollback = state.snapshot_valid & (~kept | verdict.rollback)
     else:
-        rollback = jnp.asarray(False)
+        rejected = rollback = jnp.asarray(False)
     reuse = rollback & guarded & ~paid & ~verdict.rollback & ~skip
     if not REUSE_VERIFY_GRADIENT:
         reuse = jnp.asarray(False)
@@ -173,6 +158,7 @@ def check(
         skip=skip,
         accepted=jnp.asarray(accepted),
         rollback=rollback,
+        rejected=rejected,
         reuse=reuse,
         drop=skip | (rollback & ~reuse),
         verdict=verdict,
@@ -432,7 +418,7 @@ def plan(
     cfg = setup.cfg
     scale = shrink(setup, state.horizon_scale, c.verdict)
     after_rollback = 0.0 if PROBE_AFTER_ROLLBACK else scale * cfg.horizon_shrink
-    scale = jnp.where(c.rollback, after_rollback, scale)
+    scale = jnp.where(c.rejected, after_rollback, scale)
     scale = floor_scale(setup, jnp.where(c.accepted, jnp.minimum(scale * 2.0, 1.0), scale))
     if observe:
         ctx = PredictContext(jnp.int32(0), f_accuracy, trend)

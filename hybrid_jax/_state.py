@@ -45,7 +45,7 @@ class Counters(NamedTuple):
     rollbacks: jax.Array  # times the parameters went back to a snapshot
     skipped_updates: jax.Array  # real steps whose non-finite loss or gradient was not applied
     idle_steps: jax.Array  # predicted steps that applied nothing (vetoed by the step before)
-    cost_rejections: jax.Array  # rollbacks of phases within verify_tolerance that did not pay
+    cost_rejections: jax.Array  # phases within verify_tolerance that did not pay (kept or not)
 
 
 class StepInfo(NamedTuple):

@@ -32,7 +32,8 @@ def hybrid_step(
     the transformation learns from it; on the first real step after a Predict phase, one
     more forward pass (the loss at the phase's snapshot, on the same batch) verifies the
     phase, and a rejected phase is rolled back exactly to the snapshot (then, where the
-    cost rule alone rejected it, the verifying step's update is applied from there).
+    cost rule alone rejected it, the verifying step's update is applied from there),
+    unless the cost rule alone rejected it after it lowered the loss: then it is kept.
     Predicted branch:
     the predicted update only, no backward pass and no forward pass, except a forward
     pass (the loss at the step's starting parameters, which the divergence monitor

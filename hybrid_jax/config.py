@@ -90,6 +90,8 @@ class HybridConfig(_Settings):
         ``benchmarks/end_to_end.md``).
       verify_tolerance: a guard: a Predict phase is rolled back when, on the real step
         after it, ``loss(new) > (1 + verify_tolerance) * loss(snapshot)`` (>= 0).
+        A phase within it that the cost rule rejects is rolled back only if it did not
+        lower the loss; either way the run backs off as after a rollback.
       predict_cost_ratio: what a predicted step costs, the verification's share
         included, as a fraction of a real step (>= 0). A Predict phase of ``h`` steps is
         accepted only if, besides the guard, its loss decrease on the verifying batch

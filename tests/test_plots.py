@@ -121,7 +121,7 @@ def test_predict_phases_have_length_and_outcome():
     phases = predict_phases(rows)
     assert phases.start[0] == 60 and set(phases.length.tolist()) == {4}
     outcomes = phases.outcome.tolist()
-    assert outcomes[2] == "rolled back" and outcomes[0] == outcomes[1] == "accepted"
+    assert outcomes[2] == "rolled back" and outcomes[0] == outcomes[1] == "kept"
     cut = predict_phases(rows[:62])  # the run ends inside a Predict phase
     assert cut.length.tolist() == [2] and cut.outcome.tolist() == ["unverified"]
     windows = predict_phase_windows(predict_phases(synthetic_rows(20_000)), 100)

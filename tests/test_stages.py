@@ -223,6 +223,7 @@ def test_plan_falls_back_to_a_probe_at_a_rollback_and_grows_when_accepted():
         skip=F,
         accepted=F,
         rollback=T,
+        rejected=T,
         reuse=F,
         drop=T,
         verdict=calm,
@@ -234,7 +235,7 @@ def test_plan_falls_back_to_a_probe_at_a_rollback_and_grows_when_accepted():
     back = _stages.plan(setup, state, ln, c, acc, trend, state.bandit, observe=False)
     assert float(back.scale) == 0.125 and int(back.horizon) == 1  # min_horizon / max_horizon
     state = state._replace(horizon_scale=back.scale)
-    ok = c._replace(accepted=T, rollback=F, drop=F)
+    ok = c._replace(accepted=T, rollback=F, rejected=F, drop=F)
     for want in (2, 4, 8, 8):  # doubles with each accepted phase, up to max_horizon
         up = _stages.plan(setup, state, ln, ok, acc, trend, state.bandit, observe=False)
         assert int(up.horizon) == want
@@ -333,21 +334,26 @@ def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced(
     state = _after_phase(state, trend, h)
     c = _check(setup, state, snap - required * 1.001, snap, True)
     assert bool(c.accepted) and not bool(c.rollback) and not bool(c.short)
-    c = _check(setup, state, snap - required * 0.999, snap, True)  # just short: rejected
-    assert not bool(c.accepted) and bool(c.rollback) and bool(c.short)
-    # rejected by the cost rule alone: the verifying step's update is kept (reused)
+    c = _check(setup, state, snap - required * 0.999, snap, True)  # just short: rejected,
+    assert not bool(c.accepted) and bool(c.rejected) and bool(c.short)
+    # but it lowered the loss: its parameters are kept, and the update applies from them
+    assert not bool(c.rollback) and not bool(c.reuse) and not bool(c.drop)
+    # within the tolerance, but no progress: rolled back by the cost rule, and the
+    # verifying step's update is applied from the snapshot (reused)
+    c = _check(setup, state, snap * 1.01, snap, True)
+    assert bool(c.short) and bool(c.rejected) and bool(c.rollback)
     assert bool(c.reuse) and not bool(c.drop)
-    # within the tolerance, but no progress: rejected by the cost rule
-    assert bool(_check(setup, state, snap * 1.01, snap, True).short)
     # beyond the tolerance: rejected by the guard (not counted as a cost rejection)
     c = _check(setup, state, snap * 1.03, snap, True)
-    assert bool(c.rollback) and not bool(c.short)
+    assert bool(c.rollback) and bool(c.rejected) and not bool(c.short)
     assert not bool(c.reuse) and bool(c.drop)  # a point that may be far off: nothing applied
     # a longer phase must buy more
     longer = _after_phase(state, trend, 3 * h)
-    assert bool(_check(setup, longer, snap - required * 1.001, snap, True).rollback)
+    c = _check(setup, longer, snap - required * 1.001, snap, True)
+    assert bool(c.rejected) and not bool(c.accepted)
     # only verifying steps are judged
-    assert not bool(_check(setup, state, snap * 1.01, snap, False).rollback)
+    c = _check(setup, state, snap * 1.01, snap, False)
+    assert not bool(c.rollback) and not bool(c.rejected)
 
 
 def test_without_expected_progress_a_phase_must_not_raise_the_loss():
@@ -392,10 +398,18 @@ def _expected_from_snapshot(state, params, batch, lr=0.1):
 _COST_REJECTS = dict(verify_tolerance=1e9, predict_cost_ratio=1e6, monitor=None)
 
 
+def _no_gain(params):
+    """The predicted point moved off the quadratic's minimum: a higher loss than the
+    snapshot's on every batch (within the guard's tolerance of 1e9)."""
+    return jax.tree.map(lambda p: p + 10.0, params)
+
+
 def test_a_phase_rejected_by_the_cost_rule_keeps_its_verifying_steps_update():
-    """The parameters go back to the snapshot, then the optimizer's update of the
-    verifying step's gradient (taken at the predicted parameters) is applied there."""
+    """A phase that did not lower the loss goes back to the snapshot, then the
+    optimizer's update of the verifying step's gradient (taken at the predicted
+    parameters) is applied there."""
     _, step, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
+    params = _no_gain(params)
     want = _expected_from_snapshot(state, params, batch)
     snapshot = jax.device_get(state.snapshot)
     new_params, new_state, m = step(params, state, batch)
@@ -410,6 +424,7 @@ def test_a_phase_rejected_by_the_cost_rule_keeps_its_verifying_steps_update():
 
 def test_the_optax_path_returns_the_same_kept_update_after_a_rollback():
     tx, _, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
+    params = _no_gain(params)
     want = _expected_from_snapshot(state, params, batch)
     loss, grads = jax.value_and_grad(quadratic_loss)(params, batch)
     snap = tx.snapshot_loss(quadratic_loss, state, batch)
@@ -440,11 +455,13 @@ def test_an_accepted_phase_takes_one_rejection_off_the_back_off():
     _, new, m = step(params, state, batch)
     assert bool(m["verified"]) and not bool(m["rolled_back"])
     assert int(new.phase.rejected) == 3 - _phases.ACCEPT_FORGIVES == 2
-    # a rollback adds one
+    # a phase that did not pay adds one: kept where it lowered the loss, else rolled back
     _, step, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
     state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
-    _, new, m = step(params, state, batch)
-    assert bool(m["rolled_back"]) and int(new.phase.rejected) == 4
+    for move, rolled_back in ((lambda p: p, False), (_no_gain, True)):
+        p, s = jax.tree.map(jnp.array, (params, state))  # copies: the step donates its inputs
+        _, new, m = step(move(p), s, batch)
+        assert bool(m["rolled_back"]) == rolled_back and int(new.phase.rejected) == 4
 
 
 @pytest.mark.parametrize("joined_max", [0, 1 << 20], ids=["leaf_by_leaf", "joined"])
