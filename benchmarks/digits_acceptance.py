@@ -7,8 +7,9 @@ For each learning rate and seed, every arm trains the digits MLP (``--model cnn`
 digits CNN of ``hybrid_jax.tasks``) for ``--steps`` steps
 with the same initialisation and data order; plain AdamW runs once per (lr, seed) and
 its held-out loss is recorded after every number of steps an arm needs. Printed per arm:
-the share of backward passes skipped, accepted / verified Predict phases, rejections by
-the cost rule, the real steps observed, and the ratio of mean held-out losses to AdamW
+the share of backward passes skipped, kept / verified Predict phases (kept: not rolled
+back; accepted, or rejected by the cost rule after lowering the loss), rejections by the
+cost rule, the real steps observed, and the ratio of mean held-out losses to AdamW
 after the same number of steps (``equal steps``) and after as many steps as the arm ran
 backward passes (``equal backward``: the hybrid's predicted steps against nothing).
 
@@ -120,7 +121,7 @@ def hybrid_run(split, lr, cfg, steps, seed, tail=0) -> dict:
         loss=held_out(split, res.params),
         backward=int(c.backward_passes),
         verified=int(verified),
-        accepted=int(verified - sum(r["rolled_back"] and r["verified"] for r in rows)),
+        kept=int(verified - sum(r["rolled_back"] and r["verified"] for r in rows)),
         cost_rejections=int(c.cost_rejections),
         observed=int(c.observed_steps),
         real=int(c.real_steps),
@@ -175,7 +176,7 @@ def summary(args, lr: float, name: str, rs: list[dict], base: list[dict]) -> dic
         lr=lr,
         arm=name,
         skipped=1.0 - np.mean([r["backward"] for r in rs]) / steps,
-        accepted=sum(r["accepted"] for r in rs),
+        kept=sum(r["kept"] for r in rs),
         verified=verified,
         cost_rejections=sum(r["cost_rejections"] for r in rs),
         observed=f"{sum(r['observed'] for r in rs)}/{sum(r['real'] for r in rs)}",
@@ -217,7 +218,7 @@ def main() -> None:
     configs = {k: v for k, v in arms().items() if k in args.arms.split(",")}
     rows = []
     print(
-        f"{'lr':>7} {'arm':>17} {'skipped':>8} {'acc/ver':>8} {'cost rej':>8} "
+        f"{'lr':>7} {'arm':>17} {'skipped':>8} {'kept/ver':>8} {'cost rej':>8} "
         f"{'observed':>11} {'equal steps':>11} {'equal backward':>14} {'tail':>6} "
         f"{'AdamW N-10 / N':>14}"
     )
@@ -235,7 +236,7 @@ def main() -> None:
             row = summary(args, lr, name, rs, base)
             print(
                 f"{lr:7.0e} {name:>17} {row['skipped']:8.3f} "
-                f"{row['accepted']:>4}/{row['verified']:<3} {row['cost_rejections']:8d} "
+                f"{row['kept']:>4}/{row['verified']:<3} {row['cost_rejections']:8d} "
                 f"{row['observed']:>11} {row['equal_steps']:11.3f} {row['equal_backward']:14.3f} "
                 f"{row['tail'] if row['tail'] is not None else float('nan'):6.3f} "
                 f"{row['adamw_noise']:14.3f}",
