@@ -172,6 +172,8 @@ def summary(args, lr: float, name: str, rs: list[dict], base: list[dict]) -> dic
         adamw_tail = [np.mean([b[s] for s in tail_steps(steps, args.tail)]) for b in base]
         tail = np.mean([r["tail"] for r in rs]) / np.mean(adamw_tail)
     verified = sum(r["verified"] for r in rs)
+    if name == "never" and verified:
+        raise SystemExit(f"the never arm verified {verified} Predict phases: not a control")
     return dict(
         lr=lr,
         arm=name,
@@ -211,6 +213,8 @@ def main() -> None:
         "ACCEPT_FORGIVES=99: the behaviour before they were added)",
     )
     args = ap.parse_args()
+    if args.tail and (args.steps % TAIL_EVERY or not TAIL_EVERY <= args.tail <= args.steps):
+        raise SystemExit(f"--tail needs --steps a multiple of {TAIL_EVERY} and 10 <= tail <= steps")
     ablate(args.set)
     global MODEL
     MODEL = args.model

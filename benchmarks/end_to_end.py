@@ -895,6 +895,8 @@ def main() -> None:
         "--deadline", type=float, default=0, help="seconds after which no new run starts (exit 3)"
     )
     args = ap.parse_args()
+    if args.timeline and args.stepping != "python":
+        raise SystemExit("--timeline times the calls of --stepping python")
     args.arms = tuple(a for a in args.arms.split(",") if a)
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:

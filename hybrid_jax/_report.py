@@ -223,7 +223,8 @@ def _prediction_error(rows: Sequence[Row], losses: Sequence[float]) -> dict[str,
 
 
 def _verification(rows: Sequence[Row]) -> dict[str, Any]:
-    """Verified steps, rollbacks among them and the accept rate."""
+    """Verified steps, rollbacks among them and the accept rate (the share of verified
+    Predict phases not rolled back: accepted, or kept after lowering the loss)."""
     verified = sum(bool(r.get("verified", False)) for r in rows)
     rollbacks = sum(bool(r.get("rolled_back", False)) for r in rows)
     return {

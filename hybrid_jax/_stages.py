@@ -141,11 +141,11 @@ def check(
     tolerated = (1.0 + setup.cfg.verify_tolerance) * snapshot_loss
     guarded = verifying & jnp.isfinite(snapshot_loss) & loss_ok & (loss <= tolerated)
     paid = pays(setup.cfg, state, snapshot_loss, loss)
-    accepted = guarded & paid
-    kept = accepted | (guarded & (loss < snapshot_loss) if KEEP_WHAT_HELPED else False)
     monitor, verdict = _monitor.observe_real(
         state.monitor, setup.monitor, loss=loss, grad_norm=grad_norm, predicted_loss=predicted_loss
     )
+    accepted = guarded & paid & ~verdict.rollback
+    kept = accepted | (guarded & (loss < snapshot_loss) if KEEP_WHAT_HELPED else False)
     if verifying:  # only a verifying step has a snapshot to go back to
         rejected = state.snapshot_valid & (~accepted | verdict.rollback)
         rollback = state.snapshot_valid & (~kept | verdict.rollback)

@@ -74,9 +74,10 @@ def predictive(
 
     Safety: a Predict phase starts from a snapshot of the parameters; the first real
     step after it compares the loss at the snapshot and at the new parameters on the
-    same batch and rolls it back unless it lowered the loss by ``predict_cost_ratio``
+    same batch and rejects it unless it lowered the loss by ``predict_cost_ratio``
     times what the real steps it replaced were expected to, within ``verify_tolerance``
-    (see ``HybridConfig``). A divergence monitor watches
+    (see ``HybridConfig``); a rejected phase is rolled back, unless it lowered the loss
+    at all within ``verify_tolerance``. A divergence monitor watches
     every step. A predicted update never makes a parameter non-finite; a real step
     whose loss or gradient is non-finite is not applied.
 

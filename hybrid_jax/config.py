@@ -57,10 +57,11 @@ class HybridConfig(_Settings):
     phases ran since the last Full phase; otherwise a Full phase follows. ``h`` is the
     horizon (see ``horizon_policy``). What a step measures acts on the step after it
     (the phase machine's one rule, ``hybrid_jax._phases``): after a non-finite real
-    step, a rollback or a non-finite prediction the next step predicts nothing (a
-    predicted one applies nothing and ends its phase), and after a monitor warning or
-    a rollback a Full phase follows the next step (inside a Full or Warmup phase: that
-    phase's end, so that the kinds of a Full phase's steps are known when it starts).
+    step, a rejected Predict phase or a non-finite prediction the next step predicts
+    nothing (a predicted one applies nothing and ends its phase), and after a monitor
+    warning or a rejected phase a Full phase follows the next step (inside a Full or
+    Warmup phase: that phase's end, so that the kinds of a Full phase's steps are known
+    when it starts).
 
     Attributes:
       warmup_steps: real steps before anything is learned from (>= 0).
@@ -112,7 +113,7 @@ class HybridConfig(_Settings):
         for the monitor (0: never).
       horizon_shrink: factor of the horizon scale at each monitor caution, in (0, 1].
         The scale starts at its floor (``min_horizon / max_horizon``: a first phase is a
-        probe of ``min_horizon`` steps), falls back to it at each rollback and doubles
+        probe of ``min_horizon`` steps), falls back to it at each rejected phase and doubles
         (up to 1) at each accepted phase (``hybrid_jax._stages.PROBE_AFTER_ROLLBACK``).
       correct_predictions: apply the residual corrector's affine correction.
       schedule_steps: what the wrapped optimizer's schedules count: ``"global"`` (every

@@ -393,7 +393,7 @@ def test_same_steps_with_unobserved_real_steps(digits_batches):
     step, state = _compare(tx, digits_batches[:150])
     assert step.kind_counts[_dispatch.PLAIN] > 20
     assert 0 < int(state.counters.observed_steps) < int(state.counters.real_steps)
-    assert int(state.counters.predicted_steps) > 20
+    assert int(state.counters.predicted_steps) > 10  # several Predict phases compared too
 
 
 def test_compile_twice_then_step():

@@ -572,7 +572,9 @@ def test_shuffled_labels_are_detected(faults):
 
 
 def scaled_inputs(faults, factor, after):
-    """Inputs x ``factor`` for one real step, then ``after`` clean steps."""
+    """Inputs x ``factor`` for one real step, then ``after`` clean steps. A negative
+    factor: a large positive one leaves a ReLU MLP's predictions as they were, only
+    more confident, so a batch it classifies right would show no fault."""
     params, state, it = faults.start()
     state = hj.force_full(state, 10)
     x, y = next(it)
@@ -586,7 +588,7 @@ def scaled_inputs(faults, factor, after):
 
 
 def test_scaled_inputs_are_detected(faults):
-    params, out = scaled_inputs(faults, 1000.0, 5)
+    params, out = scaled_inputs(faults, -1000.0, 5)
     assert out[0]["real"]
     assert max(levels(out[:3])) >= mon.WARNING
     assert {"loss_spike", "grad_explosion"} & set(out[0]["events"])
@@ -594,9 +596,9 @@ def test_scaled_inputs_are_detected(faults):
 
 
 def test_one_corrupted_batch_causes_no_alarm_cascade(faults):
-    """After one corrupted batch (inputs x1e4: a finite loss in the hundreds), the clean
-    batches that follow are back to at most caution within 3 steps."""
-    _, out = scaled_inputs(faults, 1e4, 30)
+    """After one corrupted batch (inputs x -1e4: a finite loss in the thousands), the
+    clean batches that follow are back to at most caution within 3 steps."""
+    _, out = scaled_inputs(faults, -1e4, 30)
     assert out[0]["level"] == mon.CRITICAL
     assert max(levels(out[4:])) <= mon.CAUTION, levels(out)
 

@@ -244,6 +244,10 @@ def test_plan_falls_back_to_a_probe_at_a_rollback_and_grows_when_accepted():
     caution = ok._replace(accepted=F, verdict=calm._replace(shrink_horizon=T))
     shrunk = _stages.plan(setup, state, ln, caution, acc, trend, state.bandit, observe=False)
     assert float(shrunk.scale) == 0.5
+    # a rejected phase kept (not rolled back) falls back to a probe as well
+    kept = c._replace(rollback=F, drop=F)
+    again = _stages.plan(setup, state, ln, kept, acc, trend, state.bandit, observe=False)
+    assert float(again.scale) == 0.125 and int(again.horizon) == 1
 
 
 def test_guard_keeps_non_finite_values_out_and_an_idle_step_applies_nothing():
@@ -327,7 +331,7 @@ def test_expected_decrease_is_what_h_real_steps_at_the_trend_make():
     assert float(_cost.expected_decrease(jnp.float32(2.0), jnp.float32(0.3), 4)) == 0.0
 
 
-def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced():
+def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced(monkeypatch):
     setup, state, _ = _setup(verify_tolerance=0.02, predict_cost_ratio=0.25)
     snap, trend, h = 2.0, -0.01, 4
     required = 0.25 * snap * (1.0 - np.exp(h * trend))  # ~0.0196
@@ -354,6 +358,10 @@ def test_check_accepts_a_phase_only_when_it_pays_for_the_real_steps_it_replaced(
     # only verifying steps are judged
     c = _check(setup, state, snap * 1.01, snap, False)
     assert not bool(c.rollback) and not bool(c.rejected)
+    # without KEEP_WHAT_HELPED a phase short of the cost rule is rolled back, with reuse
+    monkeypatch.setattr(_stages, "KEEP_WHAT_HELPED", False)
+    c = _check(setup, state, snap - required * 0.999, snap, True)
+    assert bool(c.rollback) and bool(c.rejected) and bool(c.reuse)
 
 
 def test_without_expected_progress_a_phase_must_not_raise_the_loss():
@@ -457,11 +465,17 @@ def test_an_accepted_phase_takes_one_rejection_off_the_back_off():
     assert int(new.phase.rejected) == 3 - _phases.ACCEPT_FORGIVES == 2
     # a phase that did not pay adds one: kept where it lowered the loss, else rolled back
     _, step, params, state, batch = _at_verification(fast_config(**_COST_REJECTS))
-    state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
+    state = state._replace(
+        phase=state.phase._replace(rejected=jnp.int32(3)), horizon_scale=jnp.float32(1.0)
+    )
     for move, rolled_back in ((lambda p: p, False), (_no_gain, True)):
         p, s = jax.tree.map(jnp.array, (params, state))  # copies: the step donates its inputs
         _, new, m = step(move(p), s, batch)
         assert bool(m["rolled_back"]) == rolled_back and int(new.phase.rejected) == 4
+        # either way the run backs off: no prediction next, a Full phase, a probe after it
+        assert bool(new.pending.veto) and bool(new.pending.force_full)
+        assert int(new.counters.cost_rejections) == int(state.counters.cost_rejections) + 1
+        assert float(new.horizon_scale) == pytest.approx(2 / 4)  # min / max horizon
 
 
 @pytest.mark.parametrize("joined_max", [0, 1 << 20], ids=["leaf_by_leaf", "joined"])
