@@ -93,6 +93,42 @@ def fast_config(**changes):
     return hj.HybridConfig(**base)
 
 
+# A digits MLP run (``tasks.mlp_loss``, ``optax.adamw(1e-3)``, batches of 64) that takes
+# every kind of step within a hundred steps, quiet stretches and unobserved steps
+# included (observe_every=4). The dispatched-step tests that run it with ``few_metrics``
+# (fused, packed and plain) share its programs: each is compiled once in a session.
+DIGITS_PHASES = dict(
+    warmup_steps=20,
+    full_steps=5,
+    correct_steps=2,
+    min_horizon=2,
+    max_horizon=6,
+    confidence_threshold=0.0,
+    verify_tolerance=0.5,
+    predict_cost_ratio=0.25,
+    observe_every=4,
+)
+
+
+def digits_batches(n):
+    """The first ``n`` digits training batches of 64 (seed 0), on the device."""
+    split = tasks.digits(0)
+    it = tasks.batches(split.x_train, split.y_train, 64, 0)
+    return [tuple(map(jnp.asarray, next(it))) for _ in range(n)]
+
+
+def few_metrics(s):
+    """A ``metrics_fn`` of few arrays: a fused Predict phase's program returns every
+    step's row as device arrays (``hybrid_jax._fused.ROW_OUTPUTS``)."""
+    return {
+        "step": s.step,
+        "phase": s.phase.id,
+        "used": s.last.used_gradient,
+        "verified": s.last.verified,
+        "norm": s.last.update_norm,
+    }
+
+
 @pytest.fixture(scope="session")
 def digits_split():
     return tasks.digits(seed=0)
