@@ -129,6 +129,12 @@ def few_metrics(s):
     }
 
 
+def monitored_config():
+    """``fast_config`` with the monitor's forward pass every 2nd predicted step and the
+    confidence horizon policy: the quadratic tests that step it share its program."""
+    return fast_config(horizon_policy="confidence", confidence_threshold=0.3, monitor_every=2)
+
+
 @pytest.fixture(scope="session")
 def digits_split():
     return tasks.digits(seed=0)
