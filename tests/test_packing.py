@@ -203,8 +203,10 @@ def test_a_packed_step_resumes_from_a_plain_state_and_a_plain_step_from_a_packed
 
 def test_a_consumed_packed_state_names_donation(digits_batches):
     params = tasks.mlp_init(jax.random.PRNGKey(0))
-    tx = hj.predictive(optax.adamw(1e-3))
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=True)
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
+    step = hj.make_dispatched_step(  # the packed run's step: its programs compiled once
+        tasks.mlp_loss, tx, pack_state=True, metrics_fn=few_metrics
+    )
     state = packed(tx.init(params))
     new_params, _, _ = step(params, state, digits_batches[0])
     with pytest.raises(RuntimeError, match="donat"):
