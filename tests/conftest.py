@@ -12,6 +12,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import hybrid_jax as hj
@@ -127,6 +128,22 @@ def few_metrics(s):
         "verified": s.last.verified,
         "norm": s.last.update_norm,
     }
+
+
+@pytest.fixture(scope="session")
+def digits_hybrid_run():
+    """``make_hybrid_step``'s run of ``DIGITS_PHASES`` on ``digits_batches(100)`` (one
+    program, every kind of step in a ``lax.switch``): what the dispatched runs (fused,
+    packed) are compared with. Returns ``((params, state), rows)`` on the host, each row
+    ``few_metrics`` of the state after its step."""
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
+    step = hj.make_hybrid_step(tasks.mlp_loss, tx)
+    params = tasks.mlp_init(jax.random.key(0))
+    state, rows = tx.init(params), []
+    for batch in digits_batches(100):
+        params, state, _ = step(params, state, batch)
+        rows.append(jax.device_get(few_metrics(state)))
+    return jax.device_get((params, state)), rows
 
 
 def monitored_config():

@@ -143,33 +143,43 @@ def test_a_donated_packed_state_says_so():
         p.unpacked()
 
 
-def _run(digits_batches, *, pack, fuse, steps):
-    """``steps`` digits steps of the run the fused tests take (``DIGITS_PHASES``,
-    ``few_metrics``: unpacked and unfused, the same programs as theirs); returns the
-    params, the state, each step's phase and the step."""
-    params = tasks.mlp_init(jax.random.PRNGKey(0))
+def _run(digits_batches, *, pack, fuse):
+    """100 digits steps of the run the fused tests take (``DIGITS_PHASES``,
+    ``few_metrics``); returns the params, the state, each step's phase and the step."""
+    params = tasks.mlp_init(jax.random.key(0))
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
     state = tx.init(params)
     step = hj.make_dispatched_step(
         tasks.mlp_loss, tx, pack_state=pack, fuse_predict=fuse, metrics_fn=few_metrics
     )
     phases = []
-    for batch in digits_batches[:steps]:
+    for batch in digits_batches[:100]:
         params, state, m = step(params, state, batch)
         phases.append(int(m["phase"]))
     return params, state, phases, step
 
 
-@pytest.mark.parametrize("fuse", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_packed_steps_take_the_same_steps_and_reach_the_same_parameters(digits_batches, fuse):
-    """Every kind of step, quiet stretches included, packed and not: the same phases and
-    kinds, the same parameters and state up to rounding."""
-    a = _run(digits_batches, pack=False, fuse=fuse, steps=100)
-    b = _run(digits_batches, pack=True, fuse=fuse, steps=100)
+def test_packed_steps_take_the_same_steps_and_reach_the_same_parameters(
+    digits_batches, digits_hybrid_run
+):
+    """Every kind of step, quiet stretches included, with the state packed: the phases
+    of ``make_hybrid_step``'s run, its parameters and state up to rounding."""
+    params, state, phases, step = _run(digits_batches, pack=True, fuse=False)
+    (want_params, want_state), rows = digits_hybrid_run
+    assert isinstance(state, PackedState) and step.phases_fused == 0
+    assert all(n > 0 for n in step.kind_counts)  # every kind of step, packed
+    assert int(want_state.counters.predicted_steps) > 0
+    assert phases == [int(r["phase"]) for r in rows]
+    _same(params, want_params, exact=False)
+    _same(state.unpacked(), want_state, exact=False)  # its counters too
+
+
+@pytest.mark.slow
+def test_packed_fused_phases_take_the_same_steps_and_reach_the_same_parameters(digits_batches):
+    a = _run(digits_batches, pack=False, fuse=True)
+    b = _run(digits_batches, pack=True, fuse=True)
     assert isinstance(b[1], PackedState)
-    assert int(a[1].counters.predicted_steps) > 0
-    assert all(n > 0 for n in b[3].kind_counts)  # every kind of step, packed
-    assert b[3].phases_fused > 0 if fuse else b[3].phases_fused == 0
+    assert int(a[1].counters.predicted_steps) > 0 and b[3].phases_fused > 0
     assert a[2] == b[2] and a[3].kind_counts == b[3].kind_counts
     _same(a[0], b[0], exact=False)
     _same(a[1], b[1].unpacked(), exact=False)
