@@ -96,8 +96,9 @@ def fast_config(**changes):
 
 # A digits MLP run (``tasks.mlp_loss``, ``optax.adamw(1e-3)``, batches of 64) that takes
 # every kind of step within a hundred steps, quiet stretches and unobserved steps
-# included (observe_every=4). The dispatched-step tests that run it with ``few_metrics``
-# (fused, packed and plain) share its programs: each is compiled once in a session.
+# included (observe_every=4). The dispatched-step tests (fused, packed) run it with
+# ``few_metrics`` and compare it with one ``make_hybrid_step`` run
+# (``digits_hybrid_run``): each program is compiled once in a session.
 DIGITS_PHASES = dict(
     warmup_steps=20,
     full_steps=5,
@@ -111,7 +112,7 @@ DIGITS_PHASES = dict(
 )
 
 
-def digits_batches(n):
+def first_digits_batches(n):
     """The first ``n`` digits training batches of 64 (seed 0), on the device."""
     split = tasks.digits(0)
     it = tasks.batches(split.x_train, split.y_train, 64, 0)
@@ -132,7 +133,7 @@ def few_metrics(s):
 
 @pytest.fixture(scope="session")
 def digits_hybrid_run():
-    """``make_hybrid_step``'s run of ``DIGITS_PHASES`` on ``digits_batches(100)`` (one
+    """``make_hybrid_step``'s run of ``DIGITS_PHASES`` on ``first_digits_batches(100)`` (one
     program, every kind of step in a ``lax.switch``): what the dispatched runs (fused,
     packed) are compared with. Returns ``((params, state), rows)`` on the host, each row
     ``few_metrics`` of the state after its step."""
@@ -140,7 +141,7 @@ def digits_hybrid_run():
     step = hj.make_hybrid_step(tasks.mlp_loss, tx)
     params = tasks.mlp_init(jax.random.key(0))
     state, rows = tx.init(params), []
-    for batch in digits_batches(100):
+    for batch in first_digits_batches(100):
         params, state, _ = step(params, state, batch)
         rows.append(jax.device_get(few_metrics(state)))
     return jax.device_get((params, state)), rows

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import DIGITS_PHASES, digits_batches, few_metrics
+from conftest import DIGITS_PHASES, few_metrics, first_digits_batches
 
 import hybrid_jax as hj
 from hybrid_jax import _kinds, tasks
@@ -48,7 +48,7 @@ def _run(step, tx, batches, keep_at=None):
 @pytest.mark.parametrize("changes", [{}, {"predictor": "rssm"}], ids=["last_update", "rssm"])
 def test_fused_phases_take_the_same_steps_and_reach_the_same_parameters(changes):
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG, **changes))
-    batches = digits_batches(160)
+    batches = first_digits_batches(160)
     fused = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True)
     _, rb, ahead = _run(fused, tx, batches)
     # compare where the fused run's state is not ahead of its calls
@@ -118,7 +118,7 @@ def _fused_run(pack):
     (the one the first call applied), and whether every call a phase served returned
     device arrays without the phase read on the host."""
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
-    batches = digits_batches(100)
+    batches = first_digits_batches(100)
     fused = hj.make_dispatched_step(
         tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=few_metrics, pack_state=pack
     )

@@ -176,6 +176,8 @@ def test_packed_steps_take_the_same_steps_and_reach_the_same_parameters(
 
 @pytest.mark.slow
 def test_packed_fused_phases_take_the_same_steps_and_reach_the_same_parameters(digits_batches):
+    """With ``fuse_predict=True`` too: packed and unpacked, the same phases and kinds,
+    the same parameters and state up to rounding."""
     a = _run(digits_batches, pack=False, fuse=True)
     b = _run(digits_batches, pack=True, fuse=True)
     assert isinstance(b[1], PackedState)
