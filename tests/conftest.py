@@ -12,6 +12,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import hybrid_jax as hj
@@ -91,6 +92,65 @@ def fast_config(**changes):
     )
     base.update(changes)
     return hj.HybridConfig(**base)
+
+
+# A digits MLP run (``tasks.mlp_loss``, ``optax.adamw(1e-3)``, batches of 64) that takes
+# every kind of step within a hundred steps, quiet stretches and unobserved steps
+# included (observe_every=4). The dispatched-step tests (fused, packed) run it with
+# ``few_metrics`` and compare it with one ``make_hybrid_step`` run
+# (``digits_hybrid_run``): each program is compiled once in a session.
+DIGITS_PHASES = dict(
+    warmup_steps=20,
+    full_steps=5,
+    correct_steps=2,
+    min_horizon=2,
+    max_horizon=6,
+    confidence_threshold=0.0,
+    verify_tolerance=0.5,
+    predict_cost_ratio=0.25,
+    observe_every=4,
+)
+
+
+def first_digits_batches(n):
+    """The first ``n`` digits training batches of 64 (seed 0), on the device."""
+    split = tasks.digits(0)
+    it = tasks.batches(split.x_train, split.y_train, 64, 0)
+    return [tuple(map(jnp.asarray, next(it))) for _ in range(n)]
+
+
+def few_metrics(s):
+    """A ``metrics_fn`` of few arrays: a fused Predict phase's program returns every
+    step's row as device arrays (``hybrid_jax._fused.ROW_OUTPUTS``)."""
+    return {
+        "step": s.step,
+        "phase": s.phase.id,
+        "used": s.last.used_gradient,
+        "verified": s.last.verified,
+        "norm": s.last.update_norm,
+    }
+
+
+@pytest.fixture(scope="session")
+def digits_hybrid_run():
+    """``make_hybrid_step``'s run of ``DIGITS_PHASES`` on ``first_digits_batches(100)`` (one
+    program, every kind of step in a ``lax.switch``): what the dispatched runs (fused,
+    packed) are compared with. Returns ``((params, state), rows)`` on the host, each row
+    ``few_metrics`` of the state after its step."""
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
+    step = hj.make_hybrid_step(tasks.mlp_loss, tx)
+    params = tasks.mlp_init(jax.random.key(0))
+    state, rows = tx.init(params), []
+    for batch in first_digits_batches(100):
+        params, state, _ = step(params, state, batch)
+        rows.append(jax.device_get(few_metrics(state)))
+    return jax.device_get((params, state)), rows
+
+
+def monitored_config():
+    """``fast_config`` with the monitor's forward pass every 2nd predicted step and the
+    confidence horizon policy: the quadratic tests that step it share its program."""
+    return fast_config(horizon_policy="confidence", confidence_threshold=0.3, monitor_every=2)
 
 
 @pytest.fixture(scope="session")

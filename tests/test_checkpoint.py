@@ -7,36 +7,39 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import quadratic_batches, quadratic_loss, quadratic_params
+from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
 
 import hybrid_jax as hj
 from hybrid_jax._checkpoint import Checkpointer
 
-CFG = hj.HybridConfig(warmup_steps=2, full_steps=2, confidence_threshold=0.0)
-
-
-def _params():
-    p = quadratic_params()
-    p["h"] = jnp.linspace(-1.0, 1.0, 5, dtype=jnp.bfloat16)  # unused by the loss
-    return p
+CFG = fast_config()  # the quadratic tests' common config: their step compiles once
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """Params and a non-trivial HybridState after 6 steps, the step fn and later batches."""
+    """Params and a HybridState after 10 steps (a Predict phase among them), the step fn
+    (the fast tests' common step: ``optax.adam(1e-2)``, ``CFG``) and later batches."""
     tx = hj.predictive(optax.adam(1e-2), CFG)
-    params = _device(_params())
-    state = _device(tx.init(params))
+    params = quadratic_params()
+    state = tx.init(params)
     step = hj.make_hybrid_step(quadratic_loss, tx)
-    batches = quadratic_batches(9)
-    for b in batches[:6]:
+    batches = quadratic_batches(13)
+    for b in batches[:10]:
         params, state, _ = step(params, state, b)
-    return jax.device_get(params), jax.device_get(state), step, batches[6:]
+    return jax.device_get(params), jax.device_get(state), step, batches[10:]
+
+
+def _with_h(params):
+    """``params`` and a bfloat16 leaf ``"h"`` (the step does not take it)."""
+    return params | {"h": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.bfloat16)}
+
+
+def _without_h(params):
+    return {k: v for k, v in params.items() if k != "h"}
 
 
 def _device(tree):
-    """On the device and committed to it, as the checkpointer restores arrays (so that
-    the step takes both alike, compiled once)."""
+    """On the device and committed to it, as the checkpointer restores arrays."""
     return jax.device_put(tree, jax.devices()[0])
 
 
@@ -57,10 +60,12 @@ def _ckpt(path, **kw):
 
 def test_round_trip_is_bit_exact_and_keeps_types(tmp_path, trained):
     params, state, step_fn, later = trained
-    assert int(state.counters.backward_passes) > 0 and int(state.step) == 6
+    assert int(state.counters.backward_passes) > 0 and int(state.step) == 10
+    assert int(state.counters.predicted_steps) > 0
+    params = _with_h(params)
     key_data = np.asarray(jax.random.key_data(jax.random.key(7)))
     extra = {
-        "data_position": 6,
+        "data_position": 10,
         "rng": key_data,
         "typed_key": jax.random.key(3),
         "np_rng": np.random.default_rng(0).bit_generator.state,
@@ -68,22 +73,22 @@ def test_round_trip_is_bit_exact_and_keeps_types(tmp_path, trained):
         "reason": "emergency",
     }
     with _ckpt(tmp_path / "ck") as ck:
-        assert ck.save(6, _device(params), _device(state), extra=extra, force=True)
-        assert ck.all_steps() == [6] and ck.latest_step() == 6
+        assert ck.save(10, _device(params), _device(state), extra=extra, force=True)
+        assert ck.all_steps() == [10] and ck.latest_step() == 10
     with _ckpt(tmp_path / "ck") as ck:
         for params_like, state_like in [
             (_device(params), _device(state)),
             (jax.eval_shape(lambda: _device(params)), jax.eval_shape(lambda: _device(state))),
         ]:
             step, p2, s2, extra2 = ck.restore(params_like, state_like)
-            assert step == 6
+            assert step == 10
             assert type(s2) is type(state_like) is hj.HybridState
             assert type(s2.stats) is hj._state.Stats and type(s2.last) is hj._state.StepInfo
             assert type(s2.inner[0]) is type(state.inner[0])
             assert p2["h"].dtype == jnp.bfloat16
             assert_bit_equal(p2, params)
             assert_bit_equal(s2, state)
-    assert extra2["data_position"] == 6 and extra2["reason"] == "emergency"
+    assert extra2["data_position"] == 10 and extra2["reason"] == "emergency"
     assert extra2["time"] == 12.5
     np.testing.assert_array_equal(extra2["rng"], key_data)
     assert extra2["rng"].dtype == np.uint32
@@ -94,9 +99,10 @@ def test_round_trip_is_bit_exact_and_keeps_types(tmp_path, trained):
     rng.bit_generator.state = extra2["np_rng"]
     assert rng.random() == np.random.default_rng(0).random()
 
-    # Resuming continues bit-exactly.
-    pa, sa = _device(params), _device(state)
-    pb, sb = p2, s2
+    # Resuming continues bit-exactly. (Both from the host: the step takes them alike, as
+    # uncommitted arrays, so the common step's program serves them.)
+    pa, sa = _without_h(params), state
+    pb, sb = jax.device_get((_without_h(p2), s2))
     for b in later:
         pa, sa, _ = step_fn(pa, sa, b)
         pb, sb, _ = step_fn(pb, sb, b)
@@ -186,7 +192,7 @@ def test_other_config_raises_naming_the_field(tmp_path):
         ck.save(0, p, s)
     other = CFG.replace(warmup_steps=3).to_dict() | {"seed": 1}
     with Checkpointer(tmp_path, config=other) as ck:
-        with pytest.raises(ValueError, match=r"warmup_steps: stored 2, current 3") as e:
+        with pytest.raises(ValueError, match=r"warmup_steps: stored 4, current 3") as e:
             ck.restore(p, s)
         assert "seed: stored <missing>, current 1" in str(e.value)
 

@@ -1,7 +1,7 @@
 """A whole run through every phase compiles exactly once."""
 
 import optax
-from conftest import fast_config, quadratic_batches, quadratic_loss, quadratic_params
+from conftest import monitored_config, quadratic_batches, quadratic_loss, quadratic_params
 
 import hybrid_jax as hj
 
@@ -13,8 +13,7 @@ def test_300_steps_through_every_phase_trace_once():
         traces.append(1)  # runs only while tracing
         return quadratic_loss(params, batch)
 
-    cfg = fast_config(horizon_policy="confidence", confidence_threshold=0.3, monitor_every=2)
-    tx = hj.predictive(optax.adamw(1e-2), cfg)
+    tx = hj.predictive(optax.adamw(1e-2), monitored_config())
     params = quadratic_params()
     state = tx.init(params)
     step = hj.make_hybrid_step(loss_fn, tx)

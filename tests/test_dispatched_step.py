@@ -16,7 +16,7 @@ from conftest import (
 )
 
 import hybrid_jax as hj
-from hybrid_jax import _dispatch, _kinds, _phases, tasks
+from hybrid_jax import _dispatch, _kinds, _phases, _train, tasks
 
 
 def I32(x):
@@ -397,9 +397,16 @@ def test_same_steps_with_unobserved_real_steps(digits_batches):
 
 
 def test_compile_twice_then_step():
-    """``compile`` may be called again (it compiled its state reader the first time)."""
+    """``compile`` may be called again (it compiled its state reader the first time).
+    The step is the one ``hj.train`` runs (packed state, packed metrics), whose programs
+    the ``hj.train`` tests compile too: once in a session."""
     tx = hj.predictive(optax.adam(1e-2), fast_config())
-    step = hj.make_dispatched_step(quadratic_loss, tx)
+    step = hj.make_dispatched_step(
+        quadratic_loss,
+        tx,
+        pack_state=_train.PACK_STATE,
+        metrics_fn=lambda s: _train._pack(hj.metrics(s)),
+    )
     params = quadratic_params()
     state = tx.init(params)
     batch = quadratic_batches(1)[0]

@@ -1,15 +1,20 @@
 """A Predict phase run as one program (`fuse_predict=True`): the same steps, the same
 parameters up to rounding, every step's metrics row, one program per phase."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import DIGITS_PHASES, few_metrics, first_digits_batches
 
 import hybrid_jax as hj
-from hybrid_jax import tasks
+from hybrid_jax import _kinds, tasks
+from hybrid_jax._packing import PackedState
 
+# The slow test's run: every real step observed (the fast tests run ``DIGITS_PHASES``).
 CFG = dict(
     warmup_steps=20,
     full_steps=5,
@@ -21,12 +26,6 @@ CFG = dict(
     predict_cost_ratio=0.25,
     observe_every=1,
 )
-
-
-def _batches(n):
-    split = tasks.digits(0)
-    it = tasks.batches(split.x_train, split.y_train, 64, 0)
-    return [tuple(map(jnp.asarray, next(it))) for _ in range(n)]
 
 
 def _run(step, tx, batches, keep_at=None):
@@ -49,7 +48,7 @@ def _run(step, tx, batches, keep_at=None):
 @pytest.mark.parametrize("changes", [{}, {"predictor": "rssm"}], ids=["last_update", "rssm"])
 def test_fused_phases_take_the_same_steps_and_reach_the_same_parameters(changes):
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG, **changes))
-    batches = _batches(160)
+    batches = first_digits_batches(160)
     fused = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True)
     _, rb, ahead = _run(fused, tx, batches)
     # compare where the fused run's state is not ahead of its calls
@@ -112,27 +111,54 @@ def test_a_scan_carries_only_what_changes_and_passes_the_rest_through():
     assert passed.jaxpr.outvars[0] is passed.jaxpr.invars[1]  # "b": not carried, not copied
 
 
-def _few(s):
-    """Few metrics: the phase's program returns every row as device arrays."""
-    return {
-        "step": s.step,
-        "used": s.last.used_gradient,
-        "verified": s.last.verified,
-        "norm": s.last.update_norm,
-    }
-
-
-def test_a_fused_phase_returns_only_the_leaves_it_changes():
-    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=_few)
+def _fused_run(pack):
+    """A fused run of 100 digits steps (``DIGITS_PHASES``, ``few_metrics``) and what the
+    tests below read of it: every call's row and ``steps_ahead``, the state's step and
+    phase after each call that ran a phase, the state before and after the first phase
+    (the one the first call applied), and whether every call a phase served returned
+    device arrays without the phase read on the host."""
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
+    batches = first_digits_batches(100)
+    fused = hj.make_dispatched_step(
+        tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=few_metrics, pack_state=pack
+    )
     params = tasks.mlp_init(jax.random.key(0))
-    state = tx.init(params)
-    for b in _batches(120):
+    state, rows, ahead, states = tx.init(params), [], [], []
+    served, first_phase = [], None
+    for b in batches:
         before = state
-        params, state, _ = step(params, state, b)
-        if step.steps_ahead:
-            break
-    phase = step._programs[hj._dispatch.PHASE]
+        params, state, m = fused(params, state, b)
+        ahead.append(fused.steps_ahead)
+        if ahead[-1] and first_phase is None:
+            first_phase = (before, state)
+        if fused._phase is not None and fused._phase.served > 1:  # a call the phase served
+            on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(m))
+            served.append(fused._phase.result._host is None and on_device)
+        rows.append(m)
+        states.append((int(state.step), int(state.phase.id)) if ahead[-1] else None)
+    return SimpleNamespace(
+        tx=tx,
+        batches=batches,
+        step=fused,
+        rows=rows,
+        ahead=ahead,
+        states=states,
+        first_phase=first_phase,
+        served=served,
+    )
+
+
+@pytest.fixture(scope="module")
+def fused_run():
+    """The fused run of the fast tests (the state unpacked): run once, read by several."""
+    return _fused_run(pack=False)
+
+
+def test_a_fused_phase_returns_only_the_leaves_it_changes(fused_run):
+    """The first phase's program returned few of the state's small leaves: the parts a
+    Predict phase does not change are the very arrays passed in."""
+    before, state = fused_run.first_phase
+    phase = fused_run.step._programs[hj._dispatch.PHASE]
     n_rest = len(jax.tree.leaves(state._replace(snapshot=None)))
     assert 0 < len(phase.changed) < n_rest // 2
     for name in ("inner", "basis", "encoder", "residuals", "bandit", "corrector"):
@@ -153,41 +179,27 @@ def _first_phase_applies_it_all(rows, ahead, states):
 
 
 @pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_a_fused_phase_is_applied_at_once_and_serves_its_rows_without_waiting(pack):
+def test_a_fused_phase_is_applied_at_once_and_serves_its_rows_without_waiting(
+    request, pack, digits_hybrid_run
+):
     """A phase's first call applies the whole phase (the state returned is past it);
     with a small ``metrics_fn`` the phase's program returns every step's row as device
     arrays (``_fused.ROW_OUTPUTS``): the calls serving them read nothing on the host,
-    and every row matches the unfused step's."""
-    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**CFG))
-    batches = _batches(100)
-    fused = hj.make_dispatched_step(
-        tasks.mlp_loss, tx, fuse_predict=True, metrics_fn=_few, pack_state=pack
-    )
-    params = tasks.mlp_init(jax.random.key(0))
-    state, rows, ahead, states = tx.init(params), [], [], []
-    for b in batches:
-        params, state, m = fused(params, state, b)
-        ahead.append(fused.steps_ahead)
-        if fused._phase is not None and fused._phase.served > 1:  # a call the phase served
-            assert fused._phase.result._host is None  # nothing read from the phase yet
-            assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(m))
-        rows.append(m)
-        states.append((int(state.step), int(state.phase.id)) if ahead[-1] else None)
+    and every row matches the unfused step's (``make_hybrid_step``'s)."""
+    run = _fused_run(pack=True) if pack else request.getfixturevalue("fused_run")
+    fused = run.step
+    assert run.served and all(run.served)
     phase = fused._programs[hj._dispatch.PHASE]
+    assert isinstance(run.first_phase[1], PackedState) == pack
     assert fused.phases_fused > 3 and phase.every_row and phase.packed == pack
     assert "predict" not in fused.compiled_kinds and "predict_phase" in fused.compiled_kinds
-    plain = hj.make_dispatched_step(tasks.mlp_loss, tx, metrics_fn=_few)
-    p2 = tasks.mlp_init(jax.random.key(0))
-    s2, want = tx.init(p2), []
-    end = max(i for i, a in enumerate(ahead) if a == 0)
-    for b in batches[: end + 1]:
-        p2, s2, m = plain(p2, s2, b)
-        want.append(m)
-    got = jax.device_get(rows[: end + 1])
-    want = jax.device_get(want)
-    _first_phase_applies_it_all(got, ahead, states)
+    assert fused.kind_counts[_kinds.PLAIN] > 0  # unobserved steps between the phases
+    end = max(i for i, a in enumerate(run.ahead) if a == 0)
+    got = jax.device_get(run.rows[: end + 1])
+    want = digits_hybrid_run[1][: end + 1]
+    _first_phase_applies_it_all(got, run.ahead, run.states)
     steps = list(range(1, end + 2))  # each row: the state after its step
     assert [int(r["step"]) for r in got] == [int(r["step"]) for r in want] == steps
-    assert [bool(r["used"]) for r in got] == [bool(r["used"]) for r in want]
-    assert [bool(r["verified"]) for r in got] == [bool(r["verified"]) for r in want]
+    for key in ("phase", "used", "verified"):
+        assert [int(r[key]) for r in got] == [int(r[key]) for r in want], key
     np.testing.assert_allclose([r["norm"] for r in got], [r["norm"] for r in want], rtol=1e-4)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import SAFETY_OFF, quadratic_batches, quadratic_loss, quadratic_params
 
 import hybrid_jax as hj
@@ -15,18 +16,31 @@ def _full(state, budget=10_000):
     return state._replace(phase=hj._phases.full_phase(budget))
 
 
-def test_pairs_of_observed_steps_and_plain_steps_in_between():
-    """In a long Full phase (no longer than ``full_steps``, so not quiet),
-    observe_every=5 observes 2 consecutive real steps of every 5; an unobserved step
-    leaves the basis, the encoder statistics and the predictor alone and still applies
-    exactly the inner optimizer's update."""
-    cfg = hj.HybridConfig(warmup_steps=0, full_steps=10_000, observe_every=5, **SAFETY_OFF)
+# Observations in pairs (observe_every=5); a Full phase longer than 15 steps is quiet
+# before its last 15. The tests below step it through one jitted ``tx.update``.
+PAIRS = hj.HybridConfig(warmup_steps=0, full_steps=15, observe_every=5, **SAFETY_OFF)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """``(tx, update)``: ``hj.predictive(optax.adam(1e-2), PAIRS)`` and its ``tx.update``
+    jitted, given the loss ``v`` as the value and the snapshot's value:
+    ``update(grads, state, params, v)`` (compiled once for the tests below)."""
+    tx = hj.predictive(optax.adam(1e-2), PAIRS)
+    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v, snapshot_value=v))
+    return tx, update
+
+
+def test_pairs_of_observed_steps_and_plain_steps_in_between(pairs):
+    """In a Full phase no longer than ``full_steps`` (so not quiet), observe_every=5
+    observes 2 consecutive real steps of every 5, and the phase's last; an unobserved
+    step leaves the basis, the encoder statistics and the predictor alone and still
+    applies exactly the inner optimizer's update."""
+    tx, update = pairs
     inner = optax.adam(1e-2)
-    tx = hj.predictive(inner, cfg)
     params = quadratic_params()
-    state = _full(tx.init(params))
+    state = _full(tx.init(params), budget=15)
     ref_params, ref_state = quadratic_params(), inner.init(quadratic_params())
-    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
     pattern = []
     for batch in quadratic_batches(15):
         loss, grads = jax.value_and_grad(quadratic_loss)(params, batch)
@@ -50,16 +64,10 @@ def test_pairs_of_observed_steps_and_plain_steps_in_between():
     assert int(state.counters.real_steps) == 15 and int(state.counters.observed_steps) == 6
 
 
-def _update_at_loss_one(tx):
-    """``tx.update`` jitted, given a loss and a snapshot loss of 1 (the tests below with
-    the same config share its program)."""
-    return jax.jit(lambda g, s, p: tx.update(g, s, p, value=1.0, snapshot_value=1.0))
-
-
-def _observed_pattern(tx, state, n):
+def _observed_pattern(pairs, state, n):
     """Which of ``n`` real steps from ``state`` the hybrid observes (1) or not (0)."""
+    _, update = pairs
     params, pattern = quadratic_params(), []
-    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
     for batch in quadratic_batches(n):
         loss, grads = jax.value_and_grad(quadratic_loss)(params, batch)
         updates, new = update(grads, state, params, loss)
@@ -68,37 +76,38 @@ def _observed_pattern(tx, state, n):
     return pattern
 
 
-def test_a_long_full_phase_observes_only_its_last_full_steps():
+def test_a_long_full_phase_observes_only_its_last_full_steps(pairs):
     """A Full phase longer than ``full_steps`` (a backed-off one) observes nothing
     before its last ``full_steps`` steps (``_phases.quiet``); then pairs as usual, and
-    its last step. With ``observe_every <= 2`` every step is observed still."""
-    cfg = hj.HybridConfig(warmup_steps=0, full_steps=6, observe_every=5, **SAFETY_OFF)
-    tx = hj.predictive(optax.adam(1e-2), cfg)
-    state = _full(tx.init(quadratic_params()), budget=14)
-    assert _observed_pattern(tx, state, 14) == [0] * 8 + [1, 1, 0, 0, 0, 1]
-    every = hj.HybridConfig(warmup_steps=0, full_steps=6, observe_every=2, **SAFETY_OFF)
-    tx = hj.predictive(optax.adam(1e-2), every)
-    assert _observed_pattern(tx, _full(tx.init(quadratic_params()), budget=14), 14) == [1] * 14
+    its last step. (With ``observe_every <= 2`` every step is observed still: the test
+    after this one.)"""
+    tx, _ = pairs
+    state = _full(tx.init(quadratic_params()), budget=23)
+    pairs_then_last = [1, 1, 0, 0, 0] * 2 + [1, 1, 0, 0, 1]
+    assert _observed_pattern(pairs, state, 23) == [0] * 8 + pairs_then_last
 
 
 def test_one_and_two_observe_every_real_step():
+    """With observe_every <= 2 every real step is observed: each step of a long (quiet)
+    Full phase, and of its last ``full_steps``, is of the observed kind."""
     for k in (1, 2):
-        cfg = hj.HybridConfig(warmup_steps=0, observe_every=k)
+        cfg = hj.HybridConfig(warmup_steps=0, full_steps=6, observe_every=k)
         tx = hj.predictive(optax.adam(1e-2), cfg)
-        state = _full(tx.init(quadratic_params()))
-        assert int(hj._kinds.kind_of(cfg, state)) == _dispatch.REAL
+        state = _full(tx.init(quadratic_params()), budget=14)
+        for i in range(14):
+            at = state._replace(phase=state.phase._replace(step=jnp.asarray(i, jnp.int32)))
+            assert int(hj._kinds.kind_of(cfg, at)) == _dispatch.REAL, (k, i)
         assert hj._kinds.kinds_used(cfg) == (0, 1, 2, 3)
 
 
-def test_unobserved_step_skips_a_nonfinite_gradient():
-    cfg = hj.HybridConfig(warmup_steps=0, observe_every=8)
-    tx = hj.predictive(optax.adam(1e-2), cfg)
+def test_unobserved_step_skips_a_nonfinite_gradient(pairs):
+    tx, update = pairs
     params = quadratic_params()
-    state = _full(tx.init(params))
-    assert int(hj._kinds.kind_of(cfg, state)) == _dispatch.PLAIN
+    state = _full(tx.init(params), budget=15)
+    assert int(hj._kinds.kind_of(PAIRS, state)) == _dispatch.PLAIN
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
     grads["w"] = grads["w"].at[2, 1].set(jnp.inf)
-    updates, new = _update_at_loss_one(tx)(grads, state, params)
+    updates, new = update(grads, state, params, jnp.float32(1.0))
     assert int(new.counters.skipped_updates) == 1 and int(new.counters.observed_steps) == 0
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     jax.tree.map(np.testing.assert_array_equal, new.inner, state.inner)
@@ -124,13 +133,13 @@ def test_verification_and_the_step_before_a_predict_phase_are_observed():
     assert kind(verifying) == hj._kinds.VERIFY
 
 
-def test_a_pending_verification_is_always_an_observed_verifying_step():
-    cfg = hj.HybridConfig(warmup_steps=0, observe_every=8)
-    tx = hj.predictive(optax.adam(1e-2), cfg)
+def test_a_pending_verification_is_always_an_observed_verifying_step(pairs):
+    tx, update = pairs
     params = quadratic_params()
-    state = _full(tx.init(params))
+    state = _full(tx.init(params), budget=15)
     state = state._replace(pending=state.pending._replace(verify=jnp.asarray(True)))
+    assert int(hj._kinds.kind_of(PAIRS, state)) == _dispatch.VERIFY  # not a plain step
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
-    _, new = _update_at_loss_one(tx)(grads, state, params)
+    _, new = update(grads, state, params, jnp.float32(1.0))
     assert not bool(new.pending.verify)
     assert int(new.counters.verifications) == 1 and int(new.counters.observed_steps) == 1

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import DIGITS_PHASES, few_metrics
 
 import hybrid_jax as hj
 from hybrid_jax import tasks
@@ -19,9 +20,31 @@ def digits_batches():
 
 
 def _state(predictor="last_update"):
+    """``tx.init`` of the digits MLP's params; for the RSSM, a state of the shapes and
+    dtypes of its init with random values (what is packed is only shapes and values;
+    its init runs a hundred small programs, each compiled on first use)."""
     params = tasks.mlp_init(jax.random.PRNGKey(0))
     tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(predictor=predictor))
+    if predictor == "rssm":
+        return _random_like(jax.eval_shape(tx.init, params))
     return tx.init(params)
+
+
+def _random_like(shapes, seed=0):
+    """Host-made random arrays of the shapes and dtypes in ``shapes``, different from
+    leaf to leaf (so that a leaf unpacked in another's place shows)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(x):
+        if x.dtype == jnp.bool_:
+            value = rng.random(x.shape) < 0.5
+        elif jnp.issubdtype(x.dtype, jnp.integer):
+            value = rng.integers(0, 1 << 16, x.shape)
+        else:
+            value = rng.normal(size=x.shape)
+        return jax.device_put(np.asarray(value, x.dtype))
+
+    return jax.tree.map(leaf, shapes)
 
 
 def _same(a, b, exact=True):
@@ -30,7 +53,7 @@ def _same(a, b, exact=True):
         if exact:
             np.testing.assert_array_equal(x, y)
         else:
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # rounding
 
 
 @pytest.mark.parametrize("predictor", ["last_update", "rssm"])
@@ -120,26 +143,45 @@ def test_a_donated_packed_state_says_so():
         p.unpacked()
 
 
-def _run(digits_batches, *, pack, fuse, cfg, steps):
-    params = tasks.mlp_init(jax.random.PRNGKey(0))
-    tx = hj.predictive(optax.adamw(1e-3), cfg)
+def _run(digits_batches, *, pack, fuse):
+    """100 digits steps of the run the fused tests take (``DIGITS_PHASES``,
+    ``few_metrics``); returns the params, the state, each step's phase and the step."""
+    params = tasks.mlp_init(jax.random.key(0))
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
     state = tx.init(params)
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=pack, fuse_predict=fuse)
+    step = hj.make_dispatched_step(
+        tasks.mlp_loss, tx, pack_state=pack, fuse_predict=fuse, metrics_fn=few_metrics
+    )
     phases = []
-    for batch in digits_batches[:steps]:
+    for batch in digits_batches[:100]:
         params, state, m = step(params, state, batch)
         phases.append(int(m["phase"]))
     return params, state, phases, step
 
 
-@pytest.mark.parametrize("fuse", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_packed_steps_take_the_same_steps_and_reach_the_same_parameters(digits_batches, fuse):
-    cfg = hj.HybridConfig(monitor_every=0, confidence_threshold=0.0)
-    a = _run(digits_batches, pack=False, fuse=fuse, cfg=cfg, steps=150)
-    b = _run(digits_batches, pack=True, fuse=fuse, cfg=cfg, steps=150)
+def test_packed_steps_take_the_same_steps_and_reach_the_same_parameters(
+    digits_batches, digits_hybrid_run
+):
+    """Every kind of step, quiet stretches included, with the state packed: the phases
+    of ``make_hybrid_step``'s run, its parameters and state up to rounding."""
+    params, state, phases, step = _run(digits_batches, pack=True, fuse=False)
+    (want_params, want_state), rows = digits_hybrid_run
+    assert isinstance(state, PackedState) and step.phases_fused == 0
+    assert all(n > 0 for n in step.kind_counts)  # every kind of step, packed
+    assert int(want_state.counters.predicted_steps) > 0
+    assert phases == [int(r["phase"]) for r in rows]
+    _same(params, want_params, exact=False)
+    _same(state.unpacked(), want_state, exact=False)  # its counters too
+
+
+@pytest.mark.slow
+def test_packed_fused_phases_take_the_same_steps_and_reach_the_same_parameters(digits_batches):
+    """With ``fuse_predict=True`` too: packed and unpacked, the same phases and kinds,
+    the same parameters and state up to rounding."""
+    a = _run(digits_batches, pack=False, fuse=True)
+    b = _run(digits_batches, pack=True, fuse=True)
     assert isinstance(b[1], PackedState)
-    assert int(a[1].counters.predicted_steps) > 0
-    assert b[3].phases_fused > 0 if fuse else b[3].phases_fused == 0
+    assert int(a[1].counters.predicted_steps) > 0 and b[3].phases_fused > 0
     assert a[2] == b[2] and a[3].kind_counts == b[3].kind_counts
     _same(a[0], b[0], exact=False)
     _same(a[1], b[1].unpacked(), exact=False)
@@ -173,8 +215,10 @@ def test_a_packed_step_resumes_from_a_plain_state_and_a_plain_step_from_a_packed
 
 def test_a_consumed_packed_state_names_donation(digits_batches):
     params = tasks.mlp_init(jax.random.PRNGKey(0))
-    tx = hj.predictive(optax.adamw(1e-3))
-    step = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=True)
+    tx = hj.predictive(optax.adamw(1e-3), hj.HybridConfig(**DIGITS_PHASES))
+    step = hj.make_dispatched_step(  # the packed run's step: its programs compiled once
+        tasks.mlp_loss, tx, pack_state=True, metrics_fn=few_metrics
+    )
     state = packed(tx.init(params))
     new_params, _, _ = step(params, state, digits_batches[0])
     with pytest.raises(RuntimeError, match="donat"):

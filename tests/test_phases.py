@@ -59,13 +59,18 @@ def run_phases(tx, n):
     return out, state
 
 
+ONE_PREDICT_A_TIME = {"max_consecutive_predicts": 1, "correct_steps": 1}
+FIXED_HORIZON = {"max_horizon": 7, "min_horizon": 7, "full_steps": 5}
+
+
 @pytest.mark.parametrize(
     "changes",
     [
         {},
-        {"warmup_steps": 0},
-        {"max_consecutive_predicts": 1, "correct_steps": 1},
-        {"max_horizon": 7, "min_horizon": 7, "full_steps": 5},
+        {"warmup_steps": 0},  # the same program (the warmup is the initial state's)
+        ONE_PREDICT_A_TIME | FIXED_HORIZON,  # both in one program
+        pytest.param(ONE_PREDICT_A_TIME, marks=pytest.mark.slow),
+        pytest.param(FIXED_HORIZON, marks=pytest.mark.slow),
     ],
 )
 def test_phase_sequence_matches_documented_schedule(changes):

@@ -94,11 +94,11 @@ def test_a_forced_full_phase_asked_for_inside_a_full_phase_waits_for_its_end():
 def test_a_held_back_forced_full_phase_is_kept_until_its_full_phase_ends():
     """A real step keeps a held-back request in ``pending.force_full``; at the Full phase's
     end the backed-off Full phase follows, though the gate would start a Predict phase."""
-    cfg = fast_config(full_steps=6, warmup_steps=0, **SAFETY_OFF)
-    tx = hj.predictive(optax.sgd(0.1), cfg)
+    cfg = fast_config(warmup_steps=0, **SAFETY_OFF)  # the program test_phases compiles
+    tx = hj.predictive(optax.sgd(0.01), cfg)
     step = hj.make_hybrid_step(quadratic_loss, tx)
     params, batches = quadratic_params(), iter(quadratic_batches(20))
-    state = tx.init(params)
+    state = hj.force_full(tx.init(params), 6)  # a Full phase of 6 steps
     params, state, _ = step(params, state, next(batches))  # the Full phase's first step
     state = state._replace(pending=state.pending._replace(force_full=jnp.asarray(True)))
     for k in range(1, 5):  # held back, kept
@@ -106,10 +106,11 @@ def test_a_held_back_forced_full_phase_is_kept_until_its_full_phase_ends():
         assert int(state.phase.id) == hj.FULL and int(state.phase.step) == k + 1
         assert bool(state.pending.force_full)
     params, state, _ = step(params, state, next(batches))  # the phase's last step
-    assert _ids(state.phase) == (hj.FULL, 0, 6, 0) and not bool(state.pending.force_full)
+    backed_off = (hj.FULL, 0, cfg.full_steps, 0)
+    assert _ids(state.phase) == backed_off and not bool(state.pending.force_full)
     params, state, _ = step(params, state, next(batches))  # no request: the gate decides
     assert int(state.phase.id) == hj.FULL and int(state.phase.step) == 1
-    for _ in range(5):
+    for _ in range(cfg.full_steps - 1):
         params, state, _ = step(params, state, next(batches))
     assert int(state.phase.id) == hj.PREDICT  # confidence_threshold 0: a Predict phase
 
@@ -385,10 +386,11 @@ def test_a_cost_ratio_of_zero_leaves_only_the_guard():
 # -- a rollback that keeps its verifying step ----------------------------------------------
 
 
-def _at_verification(cfg, lr=0.1):
-    """A quadratic run with ``optax.sgd(lr)`` stopped at the step that verifies its first
-    Predict phase, with a falling loss level (so that the cost rule expects progress)."""
-    tx = hj.predictive(optax.sgd(lr), cfg)
+def _at_verification(cfg, lr=0.1, inner=None):
+    """A quadratic run with ``inner`` (default ``optax.sgd(lr)``) stopped at the step that
+    verifies its first Predict phase, with a falling loss level (so that the cost rule
+    expects progress)."""
+    tx = hj.predictive(inner or optax.sgd(lr), cfg)
     step, params, state, batches = quadratic_run_until_predict(tx, 40)
     while int(tx.kind(state)) != _kinds.VERIFY:
         params, state, _ = step(params, state, next(batches))
@@ -444,21 +446,21 @@ def test_the_optax_path_returns_the_same_kept_update_after_a_rollback():
 
 
 def test_a_phase_rejected_by_the_guard_returns_exactly_to_the_snapshot():
-    cfg = fast_config(verify_tolerance=0.0, predict_cost_ratio=0.0, monitor=None)
-    _, step, params, state, batch = _at_verification(cfg)
-    # the predicted point is made worse than the snapshot on every batch
+    """With the default tolerance and cost rule (the fast tests' common step)."""
+    _, step, params, state, batch = _at_verification(fast_config(), inner=optax.adam(1e-2))
+    # the predicted point is made far worse than the snapshot (beyond any tolerance)
     params = jax.tree.map(lambda p: p + 10.0, params)
-    snapshot = jax.device_get(state.snapshot)
+    snapshot, inner = jax.device_get((state.snapshot, state.inner))  # the step donates
     new_params, new_state, m = step(params, state, batch)
     assert bool(m["rolled_back"]) and int(new_state.counters.cost_rejections) == 0
     for got, s in zip(jax.tree.leaves(new_params), jax.tree.leaves(snapshot), strict=True):
         np.testing.assert_array_equal(got, s)
-    jax.tree.map(np.testing.assert_array_equal, new_state.inner, state.inner)
+    jax.tree.map(np.testing.assert_array_equal, new_state.inner, inner)  # Adam's moments
 
 
 def test_an_accepted_phase_takes_one_rejection_off_the_back_off():
-    accept = fast_config(verify_tolerance=1e9, predict_cost_ratio=0.0, monitor=None)
-    _, step, params, state, batch = _at_verification(accept)
+    accept = fast_config(**SAFETY_OFF)  # every phase accepted; test_phases' program
+    _, step, params, state, batch = _at_verification(accept, lr=0.01)
     state = state._replace(phase=state.phase._replace(rejected=jnp.int32(3)))
     _, new, m = step(params, state, batch)
     assert bool(m["verified"]) and not bool(m["rolled_back"])
