@@ -15,17 +15,7 @@ from hybrid_jax import _kinds, tasks
 from hybrid_jax._packing import PackedState
 
 # The slow test's run: every real step observed (the fast tests run ``DIGITS_PHASES``).
-CFG = dict(
-    warmup_steps=20,
-    full_steps=5,
-    correct_steps=2,
-    min_horizon=2,
-    max_horizon=6,
-    confidence_threshold=0.0,
-    verify_tolerance=0.5,
-    predict_cost_ratio=0.25,
-    observe_every=1,
-)
+CFG = {**DIGITS_PHASES, "observe_every": 1}
 
 
 def _run(step, tx, batches, keep_at=None):
