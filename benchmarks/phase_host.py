@@ -6,14 +6,15 @@ microseconds per call.
     python benchmarks/phase_host.py --model tiny --pack --metrics train
 
 Prints JSON lines: the leaves that go in and out of the phase's program and of a real
-step's program; the host time of each of the 6 calls of a phase (the first launches the
-phase, the others serve its rows) and of a whole phase, phases back to back as in
-``step_cost.py --variants fused``; the same program signature with no work in it (the
-host's floor for that call); and a jitted call's floor against the number of arrays it
-donates and returns. ``--pack`` packs the state (``pack_state=True``; each phase is then
-pinned by one more small program, timed with it); ``--metrics train`` returns the
-metrics as ``hj.train`` does (one array), so that the phase's program returns every
-step's row and the calls serving them do not wait for it (``hybrid_jax._fused``).
+step's program; the operations of the phase's compiled program (its kernels on a GPU);
+the host time of each of the 6 calls of a phase (the first launches the phase, the
+others serve its rows) and of a whole phase, phases back to back as in ``step_cost.py
+--variants fused``; the same program signature with no work in it (the host's floor for
+that call); and a jitted call's floor against the number of arrays it donates and
+returns. ``--pack`` packs the state (``pack_state=True``; each phase is then pinned by
+one more small program, timed with it); ``--metrics train`` returns the metrics as
+``hj.train`` does (one array), so that the phase's program returns every step's row and
+the calls serving them do not wait for it (``hybrid_jax._fused``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import statistics
 import sys
 import time
@@ -101,6 +103,17 @@ def counts(step, params, state, batch) -> dict:
     )
 
 
+def program_ops(step, params, state, batch) -> dict:
+    """The operations of the phase's compiled program's entry computation, by name
+    (on a GPU each fusion and copy is a kernel the host launches)."""
+    phase = step._phase_program(params, state, batch)
+    text = phase.jitted.lower(*phase._args(params, state)).compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    entry = entry[: entry.index("\n}\n")]
+    ops = collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", entry))
+    return dict(ops.most_common())
+
+
 def stepped(step, params, state, batch, phases: int = 40, repeats: int = 5):
     """Host microseconds of each call of a phase and of a whole phase (back to back);
     returns them and the params and state after the last phase."""
@@ -162,6 +175,8 @@ def main() -> None:
         print(json.dumps(dict(**row, **counts(step, params, state, batch))), flush=True)
     if args.counts_only:
         return
+    ops = program_ops(step, params, state, batch)
+    print(json.dumps(dict(**row, phase_program_ops=ops)), flush=True)
     times, (params, state) = stepped(step, params, state, batch)
     print(json.dumps(dict(**row, **times)), flush=True)
     if args.pack:
