@@ -110,8 +110,9 @@ def program_ops(step, params, state, batch) -> dict:
     text = phase.jitted.lower(*phase._args(params, state)).compile().as_text()
     entry = text[text.index("ENTRY") :]
     entry = entry[: entry.index("\n}\n")]
-    ops = collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", entry))
-    return dict(ops.most_common())
+    # each instruction's operation: the word before "(" after its (maybe tuple) shape
+    ops = re.findall(r"^\s*(?:ROOT\s+)?%\S+ = .*?\s([a-z][\w-]*)\(", entry, re.M)
+    return dict(collections.Counter(ops).most_common())
 
 
 def stepped(step, params, state, batch, phases: int = 40, repeats: int = 5):

@@ -322,17 +322,6 @@ def combine(basis: Basis, coefs: jax.Array, group_of_leaf: tuple[int, ...], like
     return jax.tree.unflatten(treedef, out)
 
 
-def grouped_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` per group (leading axis) for the basis's small matrices, ``a`` (G, B) or
-    (G, I, B) and ``b`` (G, B, K), as a sum of B broadcast products: XLA fuses it with
-    its neighbours, where a ``dot`` of these shapes is a kernel of its own on a GPU (a
-    fused Predict phase of 6 steps had 6 of them, of its 44 kernels)."""
-    size = b.shape[-2]
-    if a.ndim == 2:
-        return sum(a[:, j, None] * b[:, j, :] for j in range(size))
-    return sum(a[:, :, j, None] * b[:, None, j, :] for j in range(size))
-
-
 def transition(coefs: jax.Array, decay: float, stride: int = 1) -> jax.Array:
     """Matrix ``M(c)`` (G, B, B) taking the directions to those after a step whose
     update is ``sum_b c_b direction_b``: the update becomes the last direction, enters

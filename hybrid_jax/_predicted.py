@@ -48,7 +48,7 @@ def propose(setup: S.Setup, state: HybridState, *, first: jax.Array | bool) -> P
     )
     one_step, dlog = S.corrected(setup, state, p)
     return Proposal(
-        coefs=_basis.grouped_matmul(one_step, transport),
+        coefs=jnp.einsum("gb,gbc->gc", one_step, transport),
         step_map=_basis.transition(one_step, cfg.basis.ema_decay, cfg.basis.stride),
         transport=transport,
         dlog=dlog,
@@ -110,7 +110,7 @@ def advance(
         next_horizon=state.phase.budget,
     )
     moved = dict(
-        transport=_basis.grouped_matmul(prop.step_map, prop.transport),
+        transport=jnp.einsum("gij,gjk->gik", prop.step_map, prop.transport),
         dynamics=prop.dynamics,
         stats=st._replace(predicted_log_loss=log_pred),
         monitor=monitor,

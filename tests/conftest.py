@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,8 @@ import hybrid_jax as hj
 from hybrid_jax import tasks
 
 # The fast tier compiles many small programs; XLA:CPU compiles them about twice as fast
-# without LLVM's optimisations (213 s -> 131 s on 2 cores, jax 0.10). Its tests compare
+# without LLVM's optimisations (the fast tier in two processes: 213 s -> 131 s on 2
+# cores, jax 0.10). Its tests compare
 # programs compiled alike. The slow tier keeps the usual optimisations: it compares
 # hundreds of steps of different programs to rounding, and unoptimised code rounds
 # differently enough to show there (the RSSM's fused phases: 5e-3 relative in 160
@@ -35,21 +37,41 @@ def _compile_fast():
         return
     probe = "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()"
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS, "JAX_PLATFORMS": "cpu"}
-    accepted = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True)
-    os.environ["XLA_FLAGS"] = FAST_COMPILE_FLAGS if accepted.returncode == 0 else ""
+    try:
+        accepted = (
+            subprocess.run(
+                [sys.executable, "-c", probe], env=env, capture_output=True, timeout=120
+            ).returncode
+            == 0
+        )
+    except subprocess.TimeoutExpired:
+        accepted = False
+    os.environ["XLA_FLAGS"] = FAST_COMPILE_FLAGS if accepted else ""
 
 
 def pytest_configure(config):
     """The fast tier alone (``-m "not slow"``) compiles fast (before any test runs: XLA
     reads its flags when the first computation starts)."""
-    if " ".join((config.getoption("markexpr") or "").split()) == "not slow":
-        _compile_fast()
+    if " ".join((config.getoption("markexpr") or "").split()) != "not slow":
+        return
+    from jax._src import xla_bridge
+
+    if getattr(xla_bridge, "_backends", None):  # too late: XLA has read its flags
+        msg = "the fast tier's compile flags come too late: XLA already started"
+        warnings.warn(msg, stacklevel=1)
+        return
+    _compile_fast()
+
+
+# Test processes run on the CPU and share the machine: no GPU memory reserved by each.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _share_compilations():
     """Tests that compile the same program (the same step for the same config, loss and
-    shapes) compile it once: a compilation cache for this session, in a fresh temporary
-    folder (removed at exit), unless the environment configures one already."""
+    shapes) compile it once per test process: a compilation cache in a fresh temporary
+    folder per process (removed at exit; one shared by several processes could be read
+    half-written), unless the environment configures one already."""
     if jax.config.jax_compilation_cache_dir:
         return
     path = tempfile.mkdtemp(prefix="hybrid-jax-tests-")
@@ -125,7 +147,7 @@ def fast_config(**changes):
 # every kind of step within a hundred steps, quiet stretches and unobserved steps
 # included (observe_every=4). The dispatched-step tests (fused, packed) run it with
 # ``few_metrics`` and compare it with one ``make_hybrid_step`` run
-# (``digits_hybrid_run``): each program is compiled once in a session.
+# (``digits_hybrid_run``): each program is compiled once in a test process.
 DIGITS_PHASES = dict(
     warmup_steps=20,
     full_steps=5,

@@ -172,16 +172,3 @@ def test_sketched_gram_estimates_the_exact_one_and_keeps_an_exact_fit():
     coefs, r2 = _basis.fit(_basis.gram(sketched, target, groups, 2, 8), 1e-8)
     np.testing.assert_allclose(np.asarray(coefs), np.asarray(truth), atol=1e-3)
     np.testing.assert_allclose(np.asarray(r2), 1.0, atol=1e-4)
-
-
-@pytest.mark.parametrize("lhs_shape", [(5, 3), (5, 2, 3)])
-def test_grouped_matmul_is_the_groups_matrix_product(lhs_shape):
-    from hybrid_jax._basis import grouped_matmul
-
-    k1, k2 = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(k1, lhs_shape)
-    b = jax.random.normal(k2, (5, 3, 4))
-    want = jnp.einsum("g...j,gjk->g...k", a, b)
-    got = grouped_matmul(a, b)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
