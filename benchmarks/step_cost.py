@@ -233,15 +233,18 @@ def time_fused_phases(
     if pack:
         box[0] = (p, repin(state))
 
+    def one_phase(p, state):
+        # as the step before a phase would leave it: this kind, then the phase's outlook
+        step._last_state, step._pending = state, collections.deque(told)
+        step._check = step._phase = None
+        for _ in range(PHASE_STEPS):
+            p, state, _ = step(p, state, batch)
+        return p, state
+
     def python_loop():
         p, state = box[0]
         for _ in range(phases):
-            state = repin(state)
-            # as the step before a phase would leave it: this kind, then the phase's outlook
-            step._last_state, step._pending = state, collections.deque(told)
-            step._check = step._phase = None
-            for _ in range(PHASE_STEPS):
-                p, state, _ = step(p, state, batch)
+            p, state = one_phase(p, repin(state))
         box[0] = (p, state)
         return p
 
@@ -265,10 +268,7 @@ def time_fused_phases(
         def prepared_loop(states):
             p = box[0][0]
             for state in states:
-                step._last_state, step._pending = state, collections.deque(told)
-                step._check = step._phase = None
-                for _ in range(PHASE_STEPS):
-                    p, state, _ = step(p, state, batch)
+                p, state = one_phase(p, state)
             box[0] = (p, state)
             return p
 
