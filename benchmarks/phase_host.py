@@ -105,9 +105,12 @@ def counts(step, params, state, batch) -> dict:
 
 def program_ops(step, params, state, batch) -> dict:
     """The operations of the phase's compiled program's entry computation, by name
-    (on a GPU each fusion and copy is a kernel the host launches)."""
+    (on a GPU each fusion and copy is a kernel the host launches). Reads the program
+    ``step.compile`` compiled (``setup``), compiling it only if it was not."""
     phase = step._phase_program(params, state, batch)
-    text = phase.jitted.lower(*phase._args(params, state)).compile().as_text()
+    if phase._call is phase.jitted:
+        phase.compile(params, state)
+    text = phase._call.as_text()
     entry = text[text.index("ENTRY") :]
     entry = entry[: entry.index("\n}\n")]
     # each instruction's operation: the word before "(" after its (maybe tuple) shape

@@ -22,11 +22,11 @@ from hybrid_jax import tasks
 
 # The fast tier compiles many small programs; XLA:CPU compiles them about twice as fast
 # without LLVM's optimisations (the fast tier in two processes: 213 s -> 131 s on 2
-# cores, jax 0.10). Its tests compare
-# programs compiled alike. The slow tier keeps the usual optimisations: it compares
-# hundreds of steps of different programs to rounding, and unoptimised code rounds
-# differently enough to show there (the RSSM's fused phases: 5e-3 relative in 160
-# steps). A flag this XLA does not know would abort the process, so it is probed first.
+# cores, jax 0.10). Its tests compare programs compiled alike. The slow tier keeps the
+# usual optimisations: it compares hundreds of steps of different programs to rounding,
+# and unoptimised code rounds differently enough to show there (the RSSM's fused phases:
+# 5e-3 relative in 160 steps). A flag this XLA does not know would abort the process,
+# so it is probed first.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
@@ -35,18 +35,13 @@ def _compile_fast():
     the environment sets ``XLA_FLAGS`` already (test workers inherit what this sets)."""
     if "XLA_FLAGS" in os.environ:
         return
-    probe = "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()"
+    probe = [sys.executable, "-c", "import jax.numpy as j; j.ones(2).sum().block_until_ready()"]
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS, "JAX_PLATFORMS": "cpu"}
     try:
-        accepted = (
-            subprocess.run(
-                [sys.executable, "-c", probe], env=env, capture_output=True, timeout=120
-            ).returncode
-            == 0
-        )
+        run = subprocess.run(probe, env=env, capture_output=True, timeout=120)
     except subprocess.TimeoutExpired:
-        accepted = False
-    os.environ["XLA_FLAGS"] = FAST_COMPILE_FLAGS if accepted else ""
+        run = None
+    os.environ["XLA_FLAGS"] = FAST_COMPILE_FLAGS if run and run.returncode == 0 else ""
 
 
 def pytest_configure(config):
