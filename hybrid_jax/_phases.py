@@ -38,7 +38,7 @@ class Phase(NamedTuple):
     step: jax.Array  # steps already taken in this phase
     budget: jax.Array  # length of this phase
     consecutive: jax.Array  # Predict phases since the last Full phase
-    rejected: jax.Array = 0  # the back-off's exponent: rollbacks, less ACCEPT_FORGIVES per accept
+    rejected: jax.Array = 0  # the back-off's exponent (``backed_off``)
 
 
 class Pending(NamedTuple):
@@ -98,7 +98,10 @@ def horizon(cfg: HybridConfig, confidence: jax.Array) -> jax.Array:
 
 
 def advance(ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: jax.Array) -> Phase:
-    """The phase after one more ordinary step.
+    """The phase after one more ordinary step. A Full phase that ends with no Predict
+    phase starting (the gate closed) is followed by a backed-off one: the back-off's
+    exponent grows by one (``backed_off``), so that a predictor that is rarely confident
+    enough costs, once backed off, little more than the wrapped optimizer (``quiet``).
 
     Args:
       ph: the phase the step ran in.
@@ -119,13 +122,29 @@ def advance(ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: 
     consecutive = jnp.where(
         nxt == PREDICT, ph.consecutive + 1, jnp.where(nxt == FULL, 0, ph.consecutive)
     )
+    # a Full phase that ends with the gate closed backs off like a rejected phase
+    declined = done & (ph.id == FULL) & (nxt == FULL)
+    rejected = grown(ph.rejected, declined)
+    budget = jnp.where(declined, cfg.full_steps * _backoff_factor(rejected), budget)
     return Phase(
         id=jnp.where(done, nxt, ph.id).astype(jnp.int32),
         step=jnp.where(done, 0, step).astype(jnp.int32),
         budget=jnp.maximum(jnp.where(done, budget, ph.budget), 1).astype(jnp.int32),
         consecutive=jnp.where(done, consecutive, ph.consecutive).astype(jnp.int32),
-        rejected=jnp.asarray(ph.rejected, jnp.int32),
+        rejected=rejected,
     )
+
+
+def grown(exponent: jax.Array, by: jax.Array) -> jax.Array:
+    """The back-off's exponent grown by ``by`` (bool or int32), at most MAX_BACKOFF, so
+    that each accepted phase shortens the next backed-off Full phase again."""
+    grown = jnp.asarray(exponent, jnp.int32) + jnp.asarray(by, jnp.int32)
+    return jnp.minimum(grown, MAX_BACKOFF).astype(jnp.int32)
+
+
+def _backoff_factor(exponent: jax.Array) -> jax.Array:
+    """2 to the back-off's exponent, at most 2**MAX_BACKOFF."""
+    return jnp.left_shift(1, jnp.minimum(jnp.asarray(exponent, jnp.int32), MAX_BACKOFF))
 
 
 def gate(cfg: HybridConfig, confidence: jax.Array, pending: Pending) -> jax.Array:
@@ -138,11 +157,11 @@ def gate(cfg: HybridConfig, confidence: jax.Array, pending: Pending) -> jax.Arra
 
 def backed_off(cfg: HybridConfig, ph: Phase) -> Phase:
     """The Full phase forced after a rollback or a monitor warning: ``full_steps`` times
-    2 to the back-off's exponent ``ph.rejected`` (at most 2**MAX_BACKOFF): each rollback
-    adds one, each accepted phase takes ``ACCEPT_FORGIVES`` off, so that a predictor
-    that does not pay is tried less and less often."""
-    factor = jnp.left_shift(1, jnp.minimum(jnp.asarray(ph.rejected, jnp.int32), MAX_BACKOFF))
-    return make(FULL, cfg.full_steps * factor, 0, ph.rejected)
+    2 to the back-off's exponent ``ph.rejected`` (at most 2**MAX_BACKOFF): each rejected
+    phase and each Full phase that ends with the gate closed (``advance``) adds one,
+    each accepted phase takes ``ACCEPT_FORGIVES`` off, so that a predictor that does not
+    pay, or is not confident enough to try, is tried less and less often."""
+    return make(FULL, cfg.full_steps * _backoff_factor(ph.rejected), 0, ph.rejected)
 
 
 def deferred(ph: Phase) -> jax.Array:

@@ -180,9 +180,9 @@ def after_real(
     entering = (sched.phase.id == _phases.PREDICT) & (state.phase.id != _phases.PREDICT)
     remembered = _bandit.remember(rw.bandit, pl.arm, pl.context)
     unhealthy = c.skip | (~jnp.isfinite(ln.update_norm) if observe else False)
-    # the back-off's exponent: rejected phases, less ACCEPT_FORGIVES per accepted one (acts
-    # on the next forced Full phase)
-    rejected = jnp.where(c.rejected, state.phase.rejected + 1, state.phase.rejected)
+    # the back-off's exponent (``_phases.backed_off``; a declined gate counted by the
+    # schedule): one more per rejected phase, ACCEPT_FORGIVES less per accepted one
+    rejected = _phases.grown(sched.phase.rejected, c.rejected)
     forgiven = jnp.maximum(rejected - _phases.ACCEPT_FORGIVES, 0)
     rejected = jnp.where(c.accepted, forgiven, rejected).astype(jnp.int32)
     return state._replace(

@@ -61,7 +61,11 @@ class HybridConfig(_Settings):
     nothing (a predicted one applies nothing and ends its phase), and after a monitor
     warning or a rejected phase a Full phase follows the next step (inside a Full or
     Warmup phase: that phase's end, so that the kinds of a Full phase's steps are known
-    when it starts).
+    when it starts). The Full phase after a rejected phase, and after a Full phase that
+    ended without a Predict phase starting (the confidence too low), is backed off:
+    ``full_steps`` times 2 to the number of such events, less one per accepted phase
+    (at most 32 times ``full_steps``), and only its last ``full_steps`` steps are
+    observed.
 
     Attributes:
       warmup_steps: real steps before anything is learned from (>= 0).

@@ -128,3 +128,24 @@ def test_a_harmful_predictor_costs_almost_nothing():
     assert int(c.cost_rejections) >= 1  # the guard alone lets some through
     assert abs(hybrid / base - 1.0) <= 0.01, (hybrid, base)
     assert base < 0.02  # AdamW converged to the noise floor (0.01)
+
+
+def test_a_predictor_never_confident_enough_backs_off_and_observes_little():
+    """The defaults with a confidence no predictor reaches: each Full phase that ends
+    with the gate closed doubles the next one (up to ``2**MAX_BACKOFF`` times
+    ``full_steps``), and only the last ``full_steps`` steps of a long one are observed.
+    Without the back-off a Full phase of 20 observes 6 of its steps (30%)."""
+    cfg = hj.HybridConfig(confidence_threshold=1.0)
+    steps, lr = 1000, 1e-2
+    tx = hj.predictive(optax.adamw(lr), cfg)
+    hybrid, state = regression_run(tx, steps)
+    base, _ = regression_run(optax.adamw(lr), steps)
+    c = jax.device_get(state.counters)
+    ph = jax.device_get(state.phase)
+    print(f"\n[never confident] observed {int(c.observed_steps)} of {steps}, phase {ph}")
+    assert int(c.predicted_steps) == 0 and int(c.real_steps) == steps
+    assert int(c.observed_steps) < 0.06 * steps
+    # warmup 100, then Full phases of 20, 40, 80, 160, 320: the sixth (640) is running
+    assert int(ph.id) == hj.FULL and int(ph.budget) == cfg.full_steps * 2**5
+    assert int(ph.rejected) == hj._phases.MAX_BACKOFF
+    assert hybrid == pytest.approx(base, rel=1e-5)  # the optimizer's own steps

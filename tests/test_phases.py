@@ -13,6 +13,7 @@ from conftest import (
 )
 
 import hybrid_jax as hj
+from hybrid_jax import _phases
 
 
 def documented_schedule(cfg, n, may_predict=lambda step: True):
@@ -20,10 +21,14 @@ def documented_schedule(cfg, n, may_predict=lambda step: True):
 
     ``may_predict(step)`` says whether a Predict phase may follow step ``step``. Every
     phase is accepted here: the horizon scale starts at ``min_horizon / max_horizon``
-    (a probe) and doubles, up to 1, at each verification.
+    (a probe) and doubles, up to 1, at each verification, which also takes
+    ``ACCEPT_FORGIVES`` off the back-off's exponent; a Full phase that ends with no
+    Predict phase starting adds one to it, and the Full phase after it is ``full_steps``
+    times 2 to the exponent (at most ``2**MAX_BACKOFF``).
     """
     phases = []
     scale = cfg.min_horizon / cfg.max_horizon
+    exponent = 0
     if cfg.warmup_steps > 0:
         phase, budget = hj.WARMUP, cfg.warmup_steps
     else:
@@ -40,11 +45,14 @@ def documented_schedule(cfg, n, may_predict=lambda step: True):
         elif phase == hj.PREDICT:
             phase, budget = hj.CORRECT, cfg.correct_steps
             scale = min(2.0 * scale, 1.0)  # accepted at the Correct phase's first step
+            exponent = max(exponent - _phases.ACCEPT_FORGIVES, 0)
         elif may_predict(step) and consecutive < cfg.max_consecutive_predicts:
             h = min(max(int(cfg.max_horizon * scale), cfg.min_horizon), cfg.max_horizon)
             phase, budget, consecutive = hj.PREDICT, h, consecutive + 1
         else:
-            phase, budget, consecutive = hj.FULL, cfg.full_steps, 0
+            exponent += phase == hj.FULL  # the gate closed at a Full phase's end
+            budget = cfg.full_steps * 2 ** min(exponent, _phases.MAX_BACKOFF)
+            phase, consecutive = hj.FULL, 0
     return phases
 
 

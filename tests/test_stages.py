@@ -49,8 +49,16 @@ def test_a_real_step_ending_a_full_phase_starts_a_predict_phase_when_allowed():
     kw = dict(real=True, verifying=False, first=False, next_horizon=4)
     s = _phases.schedule_after(cfg, end_of_full, _pending(), F, may_predict=T, **kw)
     assert _ids(s.phase) == (hj.PREDICT, 0, 4, 1) and not bool(s.verify)
+    # the gate closed: a backed-off Full phase follows (the back-off's exponent grows)
     s = _phases.schedule_after(cfg, end_of_full, _pending(), F, may_predict=F, **kw)
-    assert _ids(s.phase) == (hj.FULL, 0, cfg.full_steps, 0)
+    assert _ids(s.phase) == (hj.FULL, 0, 2 * cfg.full_steps, 0) and int(s.phase.rejected) == 1
+    twice = end_of_full._replace(rejected=jnp.int32(1))
+    s = _phases.schedule_after(cfg, twice, _pending(), F, may_predict=F, **kw)
+    assert _ids(s.phase) == (hj.FULL, 0, 4 * cfg.full_steps, 0) and int(s.phase.rejected) == 2
+    # not after a Correct phase (the Predict phases before it were accepted)
+    end_of_correct = _phase(hj.CORRECT, 2, 3, consecutive=1)
+    s = _phases.schedule_after(cfg, end_of_correct, _pending(), F, may_predict=F, **kw)
+    assert _ids(s.phase) == (hj.FULL, 0, cfg.full_steps, 0) and int(s.phase.rejected) == 0
     # a monitor warning of the step before: a Full phase follows, whatever else
     s = _phases.schedule_after(cfg, end_of_full, _pending(force_full=True), F, may_predict=T, **kw)
     assert _ids(s.phase) == (hj.FULL, 0, cfg.full_steps, 0)
