@@ -397,6 +397,21 @@ def timed_calls(step, params, state, batches, ts, hyper, calls: dict):
     return params, state
 
 
+def bookkeeping(calls: dict) -> str:
+    """What a hybrid's calls took beyond as many of its own unobserved (``plain``) steps:
+    the sum over the other kinds of their calls times their mean excess over a plain
+    call, in ms and as a share of the run's calls at the plain call's mean. Measured
+    within one run, it does not move with the host's speed between runs as whole-run
+    ratios do ("" without plain calls)."""
+    if "plain" not in calls:
+        return ""
+    n_plain, s_plain = calls["plain"]
+    plain = s_plain / n_plain
+    extra = sum(n * (sec / n - plain) for k, (n, sec) in calls.items() if k != "plain")
+    total = sum(n for n, _ in calls.values()) * plain
+    return f"; beyond plain calls: {1e3 * extra:.1f} ms ({100 * extra / total:.2f}%)"
+
+
 def _changed(before: list[int], after: list[int]) -> int:
     return next(i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b)
 
@@ -482,7 +497,7 @@ def run_arm(
     if calls:
         rec["calls"] = {k: dict(calls=n, ms=1e3 * sec) for k, (n, sec) in calls.items()}
         per = ", ".join(f"{k} {n} x {1e6 * sec / n:.0f} us" for k, (n, sec) in calls.items())
-        log(f"    calls by kind (launch to launch): {per}")
+        log(f"    calls by kind (launch to launch): {per}{bookkeeping(calls)}")
     log(
         f"  {arm.name:22s} seed {seed}: held-out {rec['final_loss']:.4f}  "
         f"validation {rec['val_loss']:.4f}  "

@@ -206,7 +206,8 @@ def time_fused_phases(
     each phase is pinned by one more (small) program, timed apart as "re-pin alone", and
     the phases are timed again from states pinned before the loop ("pinned ahead": the
     leaves the program donates copied per phase, untimed), as a run's phase starts from
-    the state its real step before left, with no re-pin.
+    the state its real step before left, with no re-pin, and as a run meets them, each
+    after a real step (``time_in_run``).
     ``metrics``: ``"train"``, every metric in one array as ``hj.train`` returns them (the
     program then returns each step's row: no call waits for the phase), or ``"all"``,
     ``hj.metrics``' 24 arrays (the rows are read on the host, the phase's second call
@@ -274,11 +275,55 @@ def time_fused_phases(
 
         t, s = median_prepared(prepared_loop, pinned, repeats)
         record(f"{label}, stepped, pinned ahead", t / phases, s / phases, cs)
+        in_run = dict(inner=inner, loss_fn=loss_fn, batch=batch, fresh=fresh)
+        time_in_run(one_phase, repin, box, phases, repeats, record, label, cs, **in_run)
     timeline = device_timeline(python_loop, "/tmp/fused_phase_profile")
     if timeline is not None:
         busy = timeline["busy_ms"] / phases / 1e3
         record(f"{label}, device busy", busy, 0.0, cs)
     assert step.phases_fused >= phases * repeats, step.phases_fused
+
+
+def time_in_run(one_phase, repin, box, phases, repeats, record, label, cs, **real) -> None:
+    """A phase as a run meets it: after a real step. Each loop runs ``phases`` times an
+    AdamW step of the same model and batch (on its own parameters: it keeps the device
+    as busy as the hybrid's unobserved real step, which costs AdamW's) and the re-pin,
+    with the phase after them or without; the two loops alternate (ABBA) and the
+    median of their paired differences is what a phase adds to a run. The host
+    launches the phase while the device runs the step before it."""
+    inner, loss_fn, batch = real["inner"], real["loss_fn"], real["batch"]
+
+    def adamw_step(params, opt_state):
+        grads = jax.grad(loss_fn)(params, batch)
+        updates, opt_state = inner.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    adamw = jax.jit(adamw_step, donate_argnums=(0, 1))
+    q = real["fresh"]()
+    busy = [(q, inner.init(q))]
+
+    def loop(with_phase: bool):
+        (p, state), (q, o) = box[0], busy[0]
+        for _ in range(phases):
+            q, o = adamw(q, o)
+            state = repin(state)
+            if with_phase:
+                p, state = one_phase(p, state)
+        box[0], busy[0] = (p, state), (q, o)
+        return p, state, q, o
+
+    times = {True: [], False: []}
+    for i in range(2 + 2 * repeats):
+        for with_phase in (True, False) if i % 2 == 0 else (False, True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(with_phase))
+            if i >= 2:
+                times[with_phase].append(time.perf_counter() - t0)
+    diffs = [a - b for a, b in zip(times[True], times[False], strict=True)]
+    base = statistics.median(times[False]) / phases
+    record(f"{label}, in a run: real step + re-pin", base, 0.0, 0.0)
+    spread = (max(diffs) - min(diffs)) / phases
+    record(f"{label}, in a run: what the phase adds", statistics.median(diffs) / phases, spread, cs)
 
 
 def main() -> None:
