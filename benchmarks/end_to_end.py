@@ -400,9 +400,9 @@ def timed_calls(step, params, state, batches, ts, hyper, calls: dict):
 def bookkeeping(calls: dict) -> str:
     """What a hybrid's calls took beyond as many of its own unobserved (``plain``) steps:
     the sum over the other kinds of their calls times their mean excess over a plain
-    call, in ms and as a share of the run's calls at the plain call's mean. Measured
-    within one run, it does not move with the host's speed between runs as whole-run
-    ratios do ("" without plain calls)."""
+    call, in ms and as a share of the run's calls at the plain call's mean ("" without
+    plain calls). It leaves out what a plain call itself costs beyond the wrapped
+    optimizer's step, and a call that waits on a read of the kinds carries the wait."""
     if "plain" not in calls:
         return ""
     n_plain, s_plain = calls["plain"]

@@ -28,13 +28,16 @@ from end_to_end import Arm, adamw, hybrid_config, make_evaluate, run_arm, worklo
 import hybrid_jax as hj
 
 
-def pairs_of(wl, arms: tuple[Arm, Arm], seed: int, n: int, log, cache: dict) -> list[dict]:
+def pairs_of(
+    wl, arms: tuple[Arm, Arm], seed: int, n: int, log, cache: dict, start: int = 0
+) -> list[dict]:
     """``n`` pairs of whole runs of ``arms`` (AdamW, hybrid) with ``seed``, in
-    alternating order; each pair's seconds and its ratio hybrid / AdamW."""
+    alternating order (AdamW first in pairs ``start``, ``start + 2``, ...); each pair's
+    seconds and its ratio hybrid / AdamW."""
     evaluate = make_evaluate(wl)
     out = []
     for i in range(n):
-        order = arms if i % 2 == 0 else arms[::-1]
+        order = arms if (start + i) % 2 == 0 else arms[::-1]
         walls = {}
         for arm in order:
             rec = run_arm(wl, arm, seed, evaluate, lambda _: None, cache, "python")[0]
@@ -97,7 +100,8 @@ def main() -> None:
     pairs_of(wl, arms, 0, 1, lambda s: print(f"{s} (warm-up, not counted)", flush=True), cache)
     rows = []
     for seed in range(args.seeds):
-        rows += pairs_of(wl, arms, seed, args.pairs, lambda s: print(s, flush=True), cache)
+        log = lambda s: print(s, flush=True)
+        rows += pairs_of(wl, arms, seed, args.pairs, log, cache, start=len(rows))
         ratios = [r["ratio"] for r in rows if r["seed"] == seed]
         print(f"seed {seed}: median ratio {statistics.median(ratios):.4f}", flush=True)
     ratios = [r["ratio"] for r in rows]

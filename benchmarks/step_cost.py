@@ -286,11 +286,12 @@ def time_fused_phases(
 
 def time_in_run(one_phase, repin, box, phases, repeats, record, label, cs, **real) -> None:
     """A phase as a run meets it: after a real step. Each loop runs ``phases`` times an
-    AdamW step of the same model and batch (on its own parameters: it keeps the device
-    as busy as the hybrid's unobserved real step, which costs AdamW's) and the re-pin,
-    with the phase after them or without; the two loops alternate (ABBA) and the
-    median of their paired differences is what a phase adds to a run. The host
-    launches the phase while the device runs the step before it."""
+    AdamW step of the same model and batch (on its own parameters; the real step before
+    a phase is an observed one of the hybrid, which keeps the device a few percent
+    longer) and the re-pin, with the phase after them or without; the two loops
+    alternate (ABBA, ``2 * repeats`` pairs) and the median of their paired differences
+    is what a phase adds to a run. The host launches the phase while the device runs the
+    step before it."""
     inner, loss_fn, batch = real["inner"], real["loss_fn"], real["batch"]
 
     def adamw_step(params, opt_state):

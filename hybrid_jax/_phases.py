@@ -53,11 +53,12 @@ def _i32(x: int | jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.int32)
 
 
-# What an accepted Predict phase takes off the back-off's exponent (the rejected phases
-# counted so far): one, so that a predictor accepted now and then but mostly rejected
-# stays backed off. (A large value: an accepted phase resets the back-off.)
+# What an accepted Predict phase takes off the back-off's exponent (rejected phases and
+# Full phases that ended with the confidence too low, at most MAX_BACKOFF): one, so that
+# a predictor accepted now and then but mostly rejected stays backed off. (A large
+# value: an accepted phase resets the back-off.)
 ACCEPT_FORGIVES = 1
-MAX_BACKOFF = 5  # a forced Full phase is at most 2**5 = 32 times full_steps long
+MAX_BACKOFF = 5  # a backed-off Full phase is at most 2**5 = 32 times full_steps long
 
 
 def make(phase_id: int | jax.Array, budget: int | jax.Array, consecutive=0, rejected=0) -> Phase:
@@ -97,17 +98,26 @@ def horizon(cfg: HybridConfig, confidence: jax.Array) -> jax.Array:
     return h.astype(jnp.int32)
 
 
-def advance(ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: jax.Array) -> Phase:
+def advance(
+    ph: Phase,
+    cfg: HybridConfig,
+    can_predict: jax.Array,
+    next_horizon: jax.Array,
+    declinable: jax.Array | bool = True,
+) -> Phase:
     """The phase after one more ordinary step. A Full phase that ends with no Predict
-    phase starting (the gate closed) is followed by a backed-off one: the back-off's
-    exponent grows by one (``backed_off``), so that a predictor that is rarely confident
-    enough costs, once backed off, little more than the wrapped optimizer (``quiet``).
+    phase starting, where only the confidence kept one from starting (``declinable``),
+    is followed by a backed-off one: the back-off's exponent grows by one
+    (``backed_off``), so that a predictor that is rarely confident enough costs, once
+    backed off, little more than the wrapped optimizer (``quiet``).
 
     Args:
       ph: the phase the step ran in.
       cfg: the config.
       can_predict: bool, whether a Predict phase may start after this step.
       next_horizon: int32, the length a Predict phase starting now would get.
+      declinable: bool, nothing but the confidence can close the gate after this step
+        (no verification or veto pending).
     """
     step = ph.step + 1
     done = step >= ph.budget
@@ -123,7 +133,7 @@ def advance(ph: Phase, cfg: HybridConfig, can_predict: jax.Array, next_horizon: 
         nxt == PREDICT, ph.consecutive + 1, jnp.where(nxt == FULL, 0, ph.consecutive)
     )
     # a Full phase that ends with the gate closed backs off like a rejected phase
-    declined = done & (ph.id == FULL) & (nxt == FULL)
+    declined = done & (ph.id == FULL) & (nxt == FULL) & jnp.asarray(declinable)
     rejected = grown(ph.rejected, declined)
     budget = jnp.where(declined, cfg.full_steps * _backoff_factor(rejected), budget)
     return Phase(
@@ -177,8 +187,10 @@ def after_real(
     cfg: HybridConfig, ph: Phase, pending: Pending, can_predict: jax.Array, next_horizon
 ) -> Phase:
     """The phase after a real step that started in ``ph`` with ``pending``: a forced
-    Full phase starts now, unless it is ``deferred``."""
-    regular = advance(ph, cfg, can_predict, next_horizon)
+    Full phase starts now, unless it is ``deferred`` (it backs off by the exponent as it
+    is: the gate closed for the warning or the rejection, not for the confidence)."""
+    declinable = ~pending.verify & ~pending.veto
+    regular = advance(ph, cfg, can_predict, next_horizon, declinable)
     return _choose(pending.force_full & ~deferred(ph), backed_off(cfg, ph), regular)
 
 

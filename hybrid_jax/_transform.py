@@ -239,9 +239,10 @@ def snapshot_loss(loss_fn: Callable[..., Any], state: HybridState, batch: Any) -
 def force_full(state: HybridState, n: int | jax.Array) -> HybridState:
     """Starts a Full phase of ``n`` real steps now (ends any Predict phase).
 
-    Jit-safe. The usual schedule resumes after the ``n`` steps, unless a forced Full
-    phase (a monitor warning, a rollback) is asked for during them: that one follows
-    them; an interrupted Predict phase is still verified by the next real step.
+    Jit-safe. The usual schedule resumes after the ``n`` steps (if the gate is closed
+    then, a backed-off Full phase follows, as after any Full phase), unless a forced
+    Full phase (a monitor warning, a rollback) is asked for during them: that one
+    follows them; an interrupted Predict phase is still verified by the next real step.
 
     Args:
       state: a ``HybridState``.

@@ -64,8 +64,8 @@ class HybridConfig(_Settings):
     when it starts). The Full phase after a rejected phase, and after a Full phase that
     ended without a Predict phase starting (the confidence too low), is backed off:
     ``full_steps`` times 2 to the number of such events, less one per accepted phase
-    (at most 32 times ``full_steps``), and only its last ``full_steps`` steps are
-    observed.
+    (at most 32 times ``full_steps``), and with ``observe_every > 2`` only its last
+    ``full_steps`` steps are observed.
 
     Attributes:
       warmup_steps: real steps before anything is learned from (>= 0).

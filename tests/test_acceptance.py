@@ -130,6 +130,7 @@ def test_a_harmful_predictor_costs_almost_nothing():
     assert base < 0.02  # AdamW converged to the noise floor (0.01)
 
 
+@pytest.mark.slow  # two 1000-step runs through hj.train
 def test_a_predictor_never_confident_enough_backs_off_and_observes_little():
     """The defaults with a confidence no predictor reaches: each Full phase that ends
     with the gate closed doubles the next one (up to ``2**MAX_BACKOFF`` times

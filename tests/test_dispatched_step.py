@@ -16,7 +16,7 @@ from conftest import (
 )
 
 import hybrid_jax as hj
-from hybrid_jax import _dispatch, _kinds, _phases, _train, tasks
+from hybrid_jax import _dispatch, _kinds, _phases, _train, predictors, tasks
 
 
 def I32(x):
@@ -94,6 +94,46 @@ def test_same_steps_and_parameters_as_hybrid_step(digits_batches):
     assert step.compiled_kinds == ["real", "verify", "predict_first", "predict"]
     assert all(n > 0 for n in step.kind_counts[:4]) and step.kind_counts[4] == 0
     assert int(state.counters.predicted_steps) > 50
+
+
+def _confident_between(first: int, last: int) -> hj.Predictor:
+    """``last_update`` whose confidence is 1 after a real step observed in [first, last)
+    and 0 otherwise."""
+    inner = predictors.last_update()
+
+    def init(spec):
+        return inner.init(spec), jnp.zeros((), jnp.int32)
+
+    def observe(state, obs):
+        return inner.observe(state[0], obs), obs.step
+
+    def predict(state, ctx):
+        pred, inner_state = inner.predict(state[0], ctx)
+        conf = ((state[1] >= first) & (state[1] < last)).astype(jnp.float32)
+        return pred._replace(confidence=conf), (inner_state, state[1])
+
+    return hj.Predictor("confident_between", init, observe, predict)
+
+
+@pytest.mark.slow
+def test_same_steps_when_a_closed_gate_backs_off(digits_batches):
+    """Full phases that end with the gate closed back off (the host plans their quiet
+    stretches): the dispatched step, packed and fused or not, takes the same steps."""
+    cfg = hj.HybridConfig(
+        warmup_steps=20, full_steps=5, correct_steps=2, max_horizon=3, observe_every=4
+    )
+    tx = hj.predictive(optax.adamw(1e-3), cfg, predictor=_confident_between(90, 170))
+    step, state = _compare(tx, digits_batches[:300])
+    _, _, rows = _run(hj.make_hybrid_step(tasks.mlp_loss, tx), tx, digits_batches[:300])
+    phases = [int(r["phase"]) for r in rows]
+    first = phases.index(hj.PREDICT)
+    assert 90 < first < 170 and phases[first - 20 : first] == [hj.FULL] * 20  # backed off
+    assert phases[-40:] == [hj.FULL] * 40  # closed again: backed off again
+    assert step.kind_counts[_kinds.PLAIN] > 150
+    fused = hj.make_dispatched_step(tasks.mlp_loss, tx, pack_state=True, fuse_predict=True)
+    _, packed_state, packed_rows = _run(fused, tx, digits_batches[:300])
+    assert [int(r["phase"]) for r in packed_rows] == phases
+    assert int(packed_state.counters.observed_steps) == int(state.counters.observed_steps)
 
 
 @pytest.mark.slow

@@ -49,9 +49,10 @@ def documented_schedule(cfg, n, may_predict=lambda step: True):
         elif may_predict(step) and consecutive < cfg.max_consecutive_predicts:
             h = min(max(int(cfg.max_horizon * scale), cfg.min_horizon), cfg.max_horizon)
             phase, budget, consecutive = hj.PREDICT, h, consecutive + 1
-        else:
-            exponent += phase == hj.FULL  # the gate closed at a Full phase's end
-            budget = cfg.full_steps * 2 ** min(exponent, _phases.MAX_BACKOFF)
+        else:  # a Full phase follows; backed off if the gate closed at a Full phase's end
+            declined = phase == hj.FULL
+            exponent = min(exponent + declined, _phases.MAX_BACKOFF)
+            budget = cfg.full_steps * (2**exponent if declined else 1)
             phase, consecutive = hj.FULL, 0
     return phases
 
@@ -92,8 +93,9 @@ def test_phase_sequence_matches_documented_schedule(changes):
     assert [int(m["step"]) for m in metrics] == list(range(80))
 
 
-def gated_predictor(open_from_step):
-    """Confident only once a real step at or after ``open_from_step`` was observed."""
+def gated_predictor(open_from_step, closed_from_step=2**30):
+    """Confident only once a real step at or after ``open_from_step``, and before
+    ``closed_from_step``, was observed."""
 
     def init(spec):
         return jnp.zeros((), jnp.int32)
@@ -103,20 +105,31 @@ def gated_predictor(open_from_step):
 
     def predict(state, ctx):
         coefs = jnp.zeros((2, 2), jnp.float32).at[:, 0].set(1.0)
-        conf = (state >= open_from_step).astype(jnp.float32)
+        conf = ((state >= open_from_step) & (state < closed_from_step)).astype(jnp.float32)
         return hj.Prediction(coefs, jnp.float32(0), conf), state
 
     return hj.Predictor("gated", init, observe, predict)
 
 
-def test_predict_phases_wait_for_confidence():
+@pytest.mark.parametrize("open_from, closed_from, n", [(20, 2**30, 60), (16, 60, 120)])
+def test_predict_phases_wait_for_confidence(open_from, closed_from, n):
+    """Full phases that end with the gate closed back off (3, 6, 12 steps); accepted
+    phases take the back-off down again, and a Full phase after a Correct phase is
+    ``full_steps`` long whatever the back-off (the second case: one after two accepted
+    phases, with the exponent still 1)."""
     cfg = fast_config(confidence_threshold=0.5, **SAFETY_OFF)
-    tx = hj.predictive(optax.sgd(0.01), cfg, predictor=gated_predictor(20))
-    metrics, _ = run_phases(tx, 60)
+    tx = hj.predictive(optax.sgd(0.01), cfg, predictor=gated_predictor(open_from, closed_from))
+    metrics, _ = run_phases(tx, n)
     got = [int(m["phase"]) for m in metrics]
     # the decision at the end of a phase reads the confidence of the real step before
-    assert got == documented_schedule(cfg, 60, may_predict=lambda step: step - 1 >= 20)
-    assert hj.PREDICT not in got[:22] and hj.PREDICT in got
+    open_ = lambda step: open_from <= step - 1 < closed_from
+    assert got == documented_schedule(cfg, n, may_predict=open_)
+    first = got.index(hj.PREDICT)
+    assert first > open_from and got[first - 12 : first] == [hj.FULL] * 12  # backed off
+    after = got[first:]
+    assert hj.CORRECT in after and [hj.CORRECT, hj.FULL, hj.FULL, hj.FULL, hj.PREDICT] in [
+        after[i : i + 5] for i in range(len(after) - 5)
+    ]
 
 
 def test_confidence_horizon_policy_scales_with_confidence():

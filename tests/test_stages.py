@@ -64,6 +64,23 @@ def test_a_real_step_ending_a_full_phase_starts_a_predict_phase_when_allowed():
     assert _ids(s.phase) == (hj.FULL, 0, cfg.full_steps, 0)
 
 
+def test_a_closed_gate_backs_off_up_to_the_cap_and_only_for_the_confidence():
+    cfg = fast_config(full_steps=3)
+    kw = dict(real=True, verifying=False, first=False, next_horizon=4, may_predict=F)
+    end_of_full = _phase(hj.FULL, 2, 3)
+    for exponent, grown in ((4, 5), (5, 5), (9, 5)):  # at most MAX_BACKOFF
+        ph = end_of_full._replace(rejected=jnp.int32(exponent))
+        s = _phases.schedule_after(cfg, ph, _pending(), F, **kw)
+        assert int(s.phase.rejected) == grown == _phases.MAX_BACKOFF
+        assert _ids(s.phase) == (hj.FULL, 0, 3 * 2**_phases.MAX_BACKOFF, 0)
+    # a verification or a veto pending closes the gate, not the confidence: no back-off
+    for pending in (_pending(verify=True), _pending(veto=True)):
+        s = _phases.schedule_after(cfg, end_of_full, pending, F, **kw)
+        assert _ids(s.phase) == (hj.FULL, 0, 3, 0) and int(s.phase.rejected) == 0
+    assert int(_phases.grown(jnp.int32(5), True)) == 5
+    assert int(_phases.grown(jnp.int32(5), jnp.int32(0))) == 5
+
+
 def test_a_forced_full_phase_doubles_with_each_rejected_predict_phase():
     cfg = fast_config(full_steps=3)
     kw = dict(real=True, verifying=False, first=False, next_horizon=4, may_predict=T)
