@@ -99,8 +99,8 @@ def main() -> None:
     cache: dict = {}
     pairs_of(wl, arms, 0, 1, lambda s: print(f"{s} (warm-up, not counted)", flush=True), cache)
     rows = []
+    log = lambda s: print(s, flush=True)
     for seed in range(args.seeds):
-        log = lambda s: print(s, flush=True)
         rows += pairs_of(wl, arms, seed, args.pairs, log, cache, start=len(rows))
         ratios = [r["ratio"] for r in rows if r["seed"] == seed]
         print(f"seed {seed}: median ratio {statistics.median(ratios):.4f}", flush=True)

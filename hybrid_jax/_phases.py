@@ -148,8 +148,8 @@ def advance(
 def grown(exponent: jax.Array, by: jax.Array) -> jax.Array:
     """The back-off's exponent grown by ``by`` (bool or int32), at most MAX_BACKOFF, so
     that each accepted phase shortens the next backed-off Full phase again."""
-    grown = jnp.asarray(exponent, jnp.int32) + jnp.asarray(by, jnp.int32)
-    return jnp.minimum(grown, MAX_BACKOFF).astype(jnp.int32)
+    total = jnp.asarray(exponent, jnp.int32) + jnp.asarray(by, jnp.int32)
+    return jnp.minimum(total, MAX_BACKOFF).astype(jnp.int32)
 
 
 def _backoff_factor(exponent: jax.Array) -> jax.Array:
